@@ -1,0 +1,47 @@
+"""Command-line plumbing shared by every ``python -m mlssp_jax.<command>``.
+
+Bad input (an :class:`~mlssp_jax.errors.InputError` or an argparse error) becomes one
+``error: ...`` line on stderr and exit code 2, never a traceback (SPEC.md, "Errors").
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from mlssp_jax.errors import InputError
+
+EXIT_BAD_INPUT = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one ``error: ...`` line and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log to stderr with a short time-stamped format (INFO, or DEBUG if verbose)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def run_command(main: Callable[[Sequence[str] | None], int | None],
+                argv: Sequence[str] | None = None) -> int:
+    """Run a command's ``main(argv)``; turn :class:`InputError` into ``error:`` + exit 2."""
+    try:
+        return int(main(argv) or 0)
+    except InputError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130

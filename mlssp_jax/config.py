@@ -1,0 +1,246 @@
+"""Typed run configuration: TOML in (``configs/*.toml``), overrides, validation, TOML out.
+
+A config is a frozen :class:`Config` of four sections (``data``, ``augment``, ``model``,
+``train``). Every hyperparameter lives here; no number is hidden in code. Unknown keys,
+wrong types and out-of-range values raise :class:`~mlssp_jax.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlssp_jax.errors import InputError
+
+MODEL_NAMES = ("mlssp", "ynet", "he", "unet3d", "cnn")
+CONV_IMPLS = ("auto", "xla", "cpu")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the scans come from and how they are preprocessed.
+
+    ``manifest`` empty means the built-in synthetic cohort (``synth_*`` fields).
+    """
+
+    manifest: str = ""
+    synth_subjects: int = 80
+    synth_avm: int = 38
+    synth_seed: int = 0
+    synth_small: bool = False
+    spacing_mm: float = 1.0
+    window_level_hu: float = 50.0
+    window_width_hu: float = 100.0
+    voi_size: int = 64
+    cache_dir: str = ""
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation. The paper used only the 48 cube symmetries."""
+
+    symmetries: bool = True
+    voi_jitter_mm: int = 0
+    random_affine: bool = False
+    rotate_deg: float = 10.0
+    scale_fraction: float = 0.1
+    elastic: bool = False
+    elastic_alpha_mm: float = 4.0
+    elastic_sigma_mm: float = 6.0
+    intensity: bool = False
+    gamma_range: float = 0.2
+    noise_std: float = 0.02
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network. ``share_depth`` (-1 = the variant's own) moves the branch point."""
+
+    name: str = "mlssp"
+    width: int = 32
+    share_depth: int = -1
+    dense_units: int = 64
+    dtype: str = "float32"
+    remat: bool = False
+    conv_impl: str = "auto"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, folds, loader and checkpointing.
+
+    ``alpha`` is a float in [0, 1] or the string ``"auto"`` (learned task weighting).
+    The learning rate decays by ``lr_decay_per_epoch`` after every epoch.
+    """
+
+    alpha: float | str = 0.4
+    learning_rate: float = 1e-5
+    lr_decay_per_epoch: float = 0.05
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    epochs: int = 100
+    batch_size: int = 2
+    seed: int = 0
+    num_folds: int = 5
+    inner_val_fraction: float = 0.15
+    threshold: float = 0.5
+    workers: int = 2
+    prefetch: int = 2
+    log_every_steps: int = 10
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run configuration."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_class(name: str) -> type:
+    return {"data": DataConfig, "augment": AugmentConfig,
+            "model": ModelConfig, "train": TrainConfig}[name]
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a field annotation (given as a string), converting ints to floats."""
+    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation  # noqa: S307
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    names = " or ".join(o.__name__ for o in options)
+    raise InputError(f"{where}: expected {names}, got {value!r}")
+
+
+def _build_section(name: str, values: dict[str, Any], base: Any, where: str) -> Any:
+    cls = _section_class(name)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    updates = {}
+    for key, value in values.items():
+        if key not in known:
+            raise InputError(f"{where}: unknown key '{name}.{key}'")
+        updates[key] = _coerce(value, known[key].type, f"{where}: {name}.{key}")
+    return dataclasses.replace(base, **updates)
+
+
+def from_dict(raw: dict[str, Any], where: str = "config", base: Config | None = None) -> Config:
+    """Build a validated :class:`Config` from nested dicts, on top of ``base`` (defaults)."""
+    config = base or Config()
+    sections = {}
+    for name, values in raw.items():
+        if name not in _SECTIONS:
+            raise InputError(f"{where}: unknown section '{name}'")
+        if not isinstance(values, dict):
+            raise InputError(f"{where}: '{name}' must be a table")
+        sections[name] = _build_section(name, values, getattr(config, name), where)
+    config = dataclasses.replace(config, **sections)
+    validate(config, where)
+    return config
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (or the defaults if ``path`` is None) and apply ``key=value`` overrides."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such config file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{path}: not valid TOML: {err}") from None
+        config = from_dict(raw, where=str(path))
+    return apply_overrides(config, overrides or [])
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings; values are parsed as TOML, else taken as strings."""
+    raw: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise InputError(f"--set {item}: expected section.key=value")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        raw.setdefault(section, {})[name] = value
+    return from_dict(raw, where="--set", base=config) if raw else config
+
+
+def _check(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise InputError(f"{where}: {message}")
+
+
+def validate(config: Config, where: str = "config") -> None:
+    """Raise :class:`InputError` for values out of range."""
+    d, m, t, a = config.data, config.model, config.train, config.augment
+    _check(m.name in MODEL_NAMES, where, f"model.name must be one of {', '.join(MODEL_NAMES)}")
+    _check(m.conv_impl in CONV_IMPLS, where, f"model.conv_impl must be one of {CONV_IMPLS}")
+    _check(m.dtype in DTYPES, where, f"model.dtype must be one of {DTYPES}")
+    _check(m.width >= 1, where, "model.width must be >= 1")
+    _check(-1 <= m.share_depth <= 4, where, "model.share_depth must be in -1..4")
+    _check(d.voi_size >= 16 and d.voi_size % 16 == 0, where,
+           "data.voi_size must be a positive multiple of 16")
+    _check(d.spacing_mm > 0, where, "data.spacing_mm must be > 0")
+    _check(d.window_width_hu > 0, where, "data.window_width_hu must be > 0")
+    _check(d.synth_subjects >= 2 and 0 <= d.synth_avm <= d.synth_subjects, where,
+           "data.synth_avm must be in 0..data.synth_subjects")
+    _check(a.voi_jitter_mm >= 0, where, "augment.voi_jitter_mm must be >= 0")
+    if isinstance(t.alpha, str):
+        _check(t.alpha == "auto", where, "train.alpha must be a number in [0, 1] or 'auto'")
+    else:
+        _check(0.0 <= t.alpha <= 1.0, where, "train.alpha must be in [0, 1]")
+    _check(t.learning_rate > 0, where, "train.learning_rate must be > 0")
+    _check(0.0 <= t.lr_decay_per_epoch < 1.0, where, "train.lr_decay_per_epoch must be in [0, 1)")
+    _check(t.epochs >= 1, where, "train.epochs must be >= 1")
+    _check(t.batch_size >= 1, where, "train.batch_size must be >= 1")
+    _check(t.num_folds >= 2, where, "train.num_folds must be >= 2")
+    _check(0.0 <= t.inner_val_fraction < 0.5, where, "train.inner_val_fraction must be in [0, 0.5)")
+    _check(0.0 < t.threshold < 1.0, where, "train.threshold must be in (0, 1)")
+    _check(t.workers >= 0 and t.prefetch >= 0, where, "train.workers and train.prefetch must be >= 0")
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """The config as nested plain dicts."""
+    return dataclasses.asdict(config)
+
+
+def to_toml(config: Config) -> str:
+    """Serialise a config as TOML that :func:`load` reads back to an equal config."""
+    lines: list[str] = []
+    for section, values in to_dict(config).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    return repr(value)
