@@ -1,0 +1,29 @@
+"""CLI plumbing: bad input is one 'error:' line and exit code 2."""
+
+import pytest
+
+from mlssp_jax import cli
+from mlssp_jax.errors import InputError
+
+
+def test_input_error_becomes_exit_2(capsys):
+    def main(argv):
+        raise InputError("scan.nii: not a NIfTI file")
+
+    assert cli.run_command(main, []) == 2
+    assert capsys.readouterr().err == "error: scan.nii: not a NIfTI file\n"
+
+
+def test_bad_option_is_one_error_line(capsys):
+    parser = cli.ArgumentParser(prog="x")
+    parser.add_argument("--fold", type=int, required=True)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--fold", "two"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--fold" in err
+
+
+def test_success_returns_main_code():
+    assert cli.run_command(lambda argv: None, []) == 0
+    assert cli.run_command(lambda argv: 3, []) == 3

@@ -1,0 +1,68 @@
+"""Config: TOML round trip, overrides, and refusal of typos, wrong types and bad ranges."""
+
+import pytest
+
+from mlssp_jax import config
+from mlssp_jax.errors import InputError
+
+
+def test_defaults_are_the_paper():
+    c = config.Config()
+    assert c.data.voi_size == 64
+    assert c.train.alpha == 0.4
+    assert c.train.learning_rate == 1e-5
+    assert c.train.lr_decay_per_epoch == 0.05
+    assert (c.train.adam_b1, c.train.adam_b2) == (0.9, 0.999)
+
+
+def test_toml_round_trip(tmp_path):
+    c = config.apply_overrides(config.Config(), ["model.width=8", 'train.alpha="auto"',
+                                                 'data.manifest="a \\"b\\".csv"'])
+    path = tmp_path / "c.toml"
+    path.write_text(config.to_toml(c))
+    assert config.load(path) == c
+
+
+def test_overrides_parse_types():
+    c = config.apply_overrides(config.Config(), ["train.learning_rate=1e-3", "augment.elastic=true",
+                                                 "model.name=ynet"])
+    assert c.train.learning_rate == 1e-3
+    assert c.augment.elastic is True
+    assert c.model.name == "ynet"
+
+
+def test_int_accepted_for_float():
+    c = config.from_dict({"train": {"alpha": 1}})
+    assert c.train.alpha == 1.0 and isinstance(c.train.alpha, float)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"train": {"alpah": 0.4}}, "unknown key 'train.alpah'"),
+    ({"trian": {}}, "unknown section 'trian'"),
+    ({"train": {"epochs": "ten"}}, "train.epochs: expected int"),
+    ({"train": {"epochs": 2.5}}, "train.epochs: expected int"),
+    ({"model": {"remat": 1}}, "model.remat: expected bool"),
+    ({"train": {"alpha": 1.5}}, "train.alpha must be in [0, 1]"),
+    ({"train": {"alpha": "sometimes"}}, "'auto'"),
+    ({"model": {"name": "resnet"}}, "model.name must be one of"),
+    ({"data": {"voi_size": 40}}, "multiple of 16"),
+])
+def test_bad_values_are_input_errors(raw, message):
+    with pytest.raises(InputError, match=None) as err:
+        config.from_dict(raw, where="x.toml")
+    assert message in str(err.value)
+    assert str(err.value).startswith("x.toml")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(InputError, match="section.key=value"):
+        config.apply_overrides(config.Config(), ["epochs=3"])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(InputError, match="no such config file"):
+        config.load(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nalpha = ")
+    with pytest.raises(InputError, match="not valid TOML"):
+        config.load(bad)
