@@ -1,0 +1,96 @@
+"""The network's convolution layers: flax modules that compute through :mod:`mlssp_jax.conv_ops`.
+
+Each layer stores its parameters exactly as ``flax.linen.Conv`` / ``ConvTranspose`` would
+(``kernel`` DHWIO ``(kd, kh, kw, Cin, Cout)`` and ``bias`` ``(Cout,)``), so checkpoints are
+interchangeable, but the arithmetic goes through ``conv_ops`` with the chosen ``conv_impl``
+(``"auto"``, ``"xla"`` or a fast CPU path). Kernels are He-normal initialised (the paper uses
+Kaiming initialisation), biases zero. ``param_dtype`` is the storage dtype (float32),
+``dtype`` the compute dtype (``None`` = the promoted dtype of input and parameters).
+
+All arrays are channels-last: ``x`` is ``(B, D, H, W, Cin)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mlssp_jax import conv_ops
+
+Dtype = Any
+
+
+def _params(module: nn.Module, x: jax.Array, window: tuple[int, int, int]):
+    """Create (or fetch) ``kernel``/``bias`` and cast them and ``x`` to the compute dtype."""
+    kernel = module.param("kernel", nn.initializers.he_normal(),
+                          (*window, x.shape[-1], module.features), module.param_dtype)
+    bias = module.param("bias", nn.initializers.zeros_init(), (module.features,),
+                        module.param_dtype)
+    return nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
+
+
+class Conv3x3x3(nn.Module):
+    """'SAME' stride-1 3x3x3 convolution: (B, D, H, W, Cin) -> (B, D, H, W, features)."""
+
+    features: int
+    conv_impl: str = "auto"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias = _params(self, x, (3, 3, 3))
+        return conv_ops.conv3d(x, kernel, self.conv_impl) + bias
+
+
+class DownConv(nn.Module):
+    """2x2x2 stride-2 convolution: (B, D, H, W, Cin) -> (B, D/2, H/2, W/2, features)."""
+
+    features: int
+    conv_impl: str = "auto"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias = _params(self, x, (2, 2, 2))
+        return conv_ops.down_conv(x, kernel, self.conv_impl) + bias
+
+
+class UpConv(nn.Module):
+    """2x2x2 stride-2 transposed convolution with ``flax.linen.ConvTranspose`` semantics.
+
+    (B, D, H, W, Cin) -> (B, 2D, 2H, 2W, features).
+    """
+
+    features: int
+    conv_impl: str = "auto"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias = _params(self, x, (2, 2, 2))
+        return conv_ops.up_conv(x, kernel, self.conv_impl) + bias
+
+
+class PointConv(nn.Module):
+    """1x1x1 convolution (one matmul over channels): (B, D, H, W, Cin) -> (B, D, H, W, features).
+
+    Parameters as ``nn.Conv(features, (1, 1, 1))``; no ``conv_impl``: it is always one einsum.
+    """
+
+    features: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias = _params(self, x, (1, 1, 1))
+        return jnp.einsum("bdhwc,cf->bdhwf", x, kernel[0, 0, 0]) + bias
+
+
+__all__ = ["Conv3x3x3", "DownConv", "UpConv", "PointConv"]

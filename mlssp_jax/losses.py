@@ -1,0 +1,96 @@
+"""The training losses: soft Dice, binary cross-entropy and their (fixed or learned) weighting.
+
+Models output logits; sigmoids are taken here, in float32. ``batch`` dicts are those of
+:mod:`mlssp_jax.input_pipeline`: ``mask`` ``(B, S, S, S, 1)`` in {0, 1}, ``label`` ``(B,)``
+in {0, 1}, and optionally ``valid`` ``(B,)`` bool (padding rows of the last eval batch are
+``False`` and do not count).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Outputs = dict[str, jax.Array | None]
+
+
+def dice_loss(seg_logits: jax.Array, mask: jax.Array, eps: float = 1.0) -> jax.Array:
+    """Soft Dice loss per sample: ``1 - (2 sum(p g) + eps) / (sum p + sum g + eps)``.
+
+    Args:
+      seg_logits: (B, D, H, W, 1) logits; ``p = sigmoid(logits)``.
+      mask: (B, D, H, W, 1) ground truth ``g`` in {0, 1}.
+      eps: smoothing (the paper's eps = 1): an empty mask with an empty prediction gives
+        loss 0, and an empty mask with any prediction a loss < 1.
+
+    Returns:
+      (B,) float32 losses in [0, 1].
+    """
+    p = jax.nn.sigmoid(seg_logits.astype(jnp.float32))
+    g = mask.astype(jnp.float32)
+    axes = tuple(range(1, p.ndim))
+    overlap = jnp.sum(p * g, axis=axes)
+    total = jnp.sum(p, axis=axes) + jnp.sum(g, axis=axes)
+    return 1.0 - (2.0 * overlap + eps) / (total + eps)
+
+
+def bce_loss(cls_logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Binary cross-entropy from logits, per sample: (B,) logits, (B,) labels -> (B,) nats."""
+    return optax.sigmoid_binary_cross_entropy(cls_logits.astype(jnp.float32),
+                                              labels.astype(jnp.float32))
+
+
+def _batch_mean(per_sample: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """Mean over the batch, over ``valid`` rows only when given."""
+    if valid is None:
+        return jnp.mean(per_sample)
+    weights = valid.astype(jnp.float32)
+    return jnp.sum(per_sample * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str,
+               log_vars: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The training objective and its parts.
+
+    Both tasks present (``outputs["seg"]`` and ``outputs["cls"]`` not None):
+
+    - ``alpha`` a float: ``alpha * dice + (1 - alpha) * bce`` (the paper's Eq. 3);
+    - ``alpha == "auto"`` (Kendall, Gal & Cipolla 2018, homoscedastic uncertainty):
+      ``sum_t exp(-s_t) * L_t + s_t`` over t = (dice, bce), with ``s = log_vars`` (2,) the
+      learned log variances ``s_t = log sigma_t^2`` (initialise at 0; trained by the train
+      step with the model). This is twice Kendall's regression form
+      ``L_t / (2 sigma_t^2) + log sigma_t``; dropping the 1/2 on both terms keeps the
+      same minimiser ``s_t = log L_t``, i.e. weight ``exp(-s_t) = 1 / L_t``, and uses the
+      same form for both tasks (his classification form differs only by that factor).
+
+    One task present (``unet3d``, ``cnn``): that task's loss alone, unweighted; ``alpha``
+    and ``log_vars`` are then unused.
+
+    Returns:
+      (scalar loss, aux) where aux has ``dice`` and/or ``bce`` (batch means, only for the
+      tasks the model has) and, for ``"auto"`` with two tasks, ``weight_dice``,
+      ``weight_bce`` (``exp(-s_t)``) and ``log_var_dice``, ``log_var_bce``.
+    """
+    valid = batch.get("valid")
+    aux: dict[str, jax.Array] = {}
+    if outputs.get("seg") is not None:
+        aux["dice"] = _batch_mean(dice_loss(outputs["seg"], batch["mask"]), valid)
+    if outputs.get("cls") is not None:
+        aux["bce"] = _batch_mean(bce_loss(outputs["cls"], batch["label"]), valid)
+    if not aux:
+        raise ValueError("outputs has neither 'seg' nor 'cls'")
+    if len(aux) == 1:
+        return next(iter(aux.values())), aux
+    if alpha == "auto":
+        if log_vars is None:
+            raise ValueError("alpha='auto' needs log_vars (2,)")
+        parts = jnp.stack([aux["dice"], aux["bce"]])
+        weights = jnp.exp(-log_vars)
+        aux.update(weight_dice=weights[0], weight_bce=weights[1],
+                   log_var_dice=log_vars[0], log_var_bce=log_vars[1])
+        return jnp.sum(weights * parts + log_vars), aux
+    return alpha * aux["dice"] + (1.0 - alpha) * aux["bce"], aux
+
+
+__all__ = ["bce_loss", "dice_loss", "total_loss"]

@@ -1,0 +1,223 @@
+"""The MLSSP model family: one multi-task network whose branch point is a parameter.
+
+Shape contract (channels-last everywhere): input ``x`` is ``(B, S, S, S, 1)`` (any spatial
+size divisible by 16; 64^3 in the paper); the output is a dict
+``{"seg": (B, S, S, S, 1) logits or None, "cls": (B,) logits or None}``, float32 whatever
+the compute dtype. No sigmoid in the module: it lives in the loss and in prediction.
+
+Architecture (``w`` = ``width``; channels double per level):
+
+- stem: two 3x3x3 conv + ReLU, ``w`` channels (shared by both tasks);
+- segmentation branch, a 3D U-Net: encoder levels k = 1..4, each two 3x3x3 conv + ReLU
+  (``w * 2**(k-1)`` channels, the skip) and a 2x2x2 stride-2 down conv; a bottom of two
+  convs (``16 w``); decoder levels k = 4..1, each a 2x2x2 stride-2 transposed conv, skip
+  concatenation and two convs (``w * 2**(k-1)``); a 1x1x1 conv to one logit per voxel;
+- classification branch, a CNN: two blocks of 3x3x3 conv + ReLU + 2x2x2 stride-2 max pool
+  (``2 w``, ``4 w`` channels), global average pooling, two dense + ReLU layers
+  (``dense_units``) and one output logit.
+
+Global average pooling, not flatten: a flattened 16^3 x 4w map would put ~8M parameters in
+the first dense layer at the default width (80 training subjects) and tie the parameter
+count to the VOI size; pooling keeps the model size-independent, as the issue asks.
+
+``share_depth`` moves the branch point (the classification branch reads ``taps[share_depth]``):
+0 = stem output (``mlssp``), k = 1..4 = output of encoder level k's down conv, i.e. the
+first k down-samplings shared (``ynet`` = 4, the whole contracting path),
+:data:`DECODER` = the decoder's last features (``he``: everything shared).
+``unet3d`` has no classification branch, ``cnn`` no U-Net (stem + classification branch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mlssp_jax.config import ModelConfig
+from mlssp_jax.errors import InputError
+from mlssp_jax.layers import Conv3x3x3, DownConv, PointConv, UpConv
+
+LEVELS = 4
+DECODER = LEVELS + 1  # share depth: classification head on the decoder's last features
+
+# name -> (has segmentation, has classification, default share depth)
+_VARIANTS = {
+    "mlssp": (True, True, 0),
+    "ynet": (True, True, LEVELS),
+    "he": (True, True, DECODER),
+    "unet3d": (True, False, 0),
+    "cnn": (False, True, 0),
+}
+_MOVABLE = ("mlssp", "ynet")  # variants whose branch point ``share_depth`` may move
+
+
+def has_tasks(name: str) -> tuple[bool, bool]:
+    """(has segmentation, has classification) of the named variant."""
+    if name not in _VARIANTS:
+        raise InputError(f"model.name: unknown model {name!r}")
+    seg, cls, _ = _VARIANTS[name]
+    return seg, cls
+
+
+def _wrap(module_cls: type[nn.Module], remat: bool) -> type[nn.Module]:
+    return nn.remat(module_cls) if remat else module_cls
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3x3 conv + ReLU: (B, D, H, W, Cin) -> (B, D, H, W, features)."""
+
+    features: int
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(2):
+            x = nn.relu(Conv3x3x3(self.features, self.conv_impl, self.dtype, name=f"conv{i}")(x))
+        return x
+
+
+class EncoderLevel(nn.Module):
+    """Two convs then a stride-2 down conv. Returns (skip (B, D, H, W, F), down (B, D/2, .., F))."""
+
+    features: int
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        skip = ConvBlock(self.features, self.conv_impl, self.dtype, name="block")(x)
+        down = DownConv(self.features, self.conv_impl, self.dtype, name="down")(skip)
+        return skip, down
+
+
+class DecoderLevel(nn.Module):
+    """Up conv, skip concatenation, two convs: x (B, D, H, W, C) + skip (B, 2D, 2H, 2W, F)."""
+
+    features: int
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
+        up = UpConv(self.features, self.conv_impl, self.dtype, name="up")(x)  # (B, 2D, .., F)
+        x = jnp.concatenate([up, skip.astype(up.dtype)], axis=-1)  # (B, 2D, 2H, 2W, 2F)
+        return ConvBlock(self.features, self.conv_impl, self.dtype, name="block")(x)
+
+
+class UNet(nn.Module):
+    """3D U-Net on stem features (B, S, S, S, C).
+
+    Returns (logits (B, S, S, S, 1) in the compute dtype, taps): ``taps[k]`` for k = 1..4 is
+    encoder level k's down-sampled output, ``taps[DECODER]`` the decoder's last features;
+    ``taps[0]`` is the input.
+    """
+
+    width: int
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        kw = {"conv_impl": self.conv_impl, "dtype": self.dtype}
+        taps, skips = [x], []
+        for k in range(1, LEVELS + 1):
+            skip, x = _wrap(EncoderLevel, self.remat)(self.width * 2 ** (k - 1), **kw,
+                                                      name=f"enc{k}")(x)
+            skips.append(skip)
+            taps.append(x)  # (B, S/2^k, S/2^k, S/2^k, w 2^(k-1))
+        x = _wrap(ConvBlock, self.remat)(self.width * 2**LEVELS, **kw, name="bottom")(x)
+        for k in range(LEVELS, 0, -1):
+            x = _wrap(DecoderLevel, self.remat)(self.width * 2 ** (k - 1), **kw,
+                                                name=f"dec{k}")(x, skips[k - 1])
+        taps.append(x)  # (B, S, S, S, w)
+        logits = PointConv(1, dtype=self.dtype, name="seg_out")(x)  # (B, S, S, S, 1)
+        return logits, taps
+
+
+class ClassifierHead(nn.Module):
+    """Two conv + max-pool blocks, global average pooling, two dense + ReLU, one logit.
+
+    (B, D, H, W, C) -> (B,) logits in the compute dtype. Pooling is 'SAME' (ceil), so even
+    a 1^3 input (the bottom of a 16^3 volume) works.
+    """
+
+    width: int
+    dense_units: int
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, features in enumerate((2 * self.width, 4 * self.width)):
+            x = nn.relu(Conv3x3x3(features, self.conv_impl, self.dtype, name=f"conv{i}")(x))
+            x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="SAME")
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3))  # (B, 4w)
+        for i in range(2):
+            x = nn.relu(nn.Dense(self.dense_units, dtype=self.dtype,
+                                 kernel_init=nn.initializers.he_normal(), name=f"dense{i}")(x))
+        x = nn.Dense(1, dtype=self.dtype, kernel_init=nn.initializers.he_normal(),
+                     name="cls_out")(x)  # (B, 1)
+        return x[:, 0]
+
+
+class MultiTaskNet(nn.Module):
+    """Stem, optional U-Net, optional classification branch reading ``taps[share_depth]``.
+
+    ``dtype`` is the compute dtype (parameters are always float32); outputs are float32.
+    """
+
+    seg: bool = True
+    cls: bool = True
+    share_depth: int = 0
+    width: int = 32
+    dense_units: int = 64
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array | None]:
+        chex.assert_rank(x, 5)
+        chex.assert_axis_dimension(x, 4, 1)
+        if any(s % 2**LEVELS for s in x.shape[1:4]):
+            raise ValueError(f"spatial size {x.shape[1:4]} must be divisible by {2**LEVELS}")
+        b, spatial = x.shape[0], x.shape[1:4]
+        kw = {"conv_impl": self.conv_impl, "dtype": self.dtype}
+        h = _wrap(ConvBlock, self.remat)(self.width, **kw, name="stem")(x)  # (B, S, S, S, w)
+        out: dict[str, jax.Array | None] = {"seg": None, "cls": None}
+        taps = [h]
+        if self.seg:
+            logits, taps = UNet(self.width, **kw, remat=self.remat, name="unet")(h)
+            out["seg"] = logits.astype(jnp.float32)  # (B, S, S, S, 1)
+            chex.assert_shape(out["seg"], (b, *spatial, 1))
+        if self.cls:
+            head = ClassifierHead(self.width, self.dense_units, **kw, name="cls_head")
+            out["cls"] = head(taps[self.share_depth]).astype(jnp.float32)  # (B,)
+            chex.assert_shape(out["cls"], (b,))
+        return out
+
+
+def build_model(model_cfg: ModelConfig) -> MultiTaskNet:
+    """The variant ``model_cfg.name`` with its branch point (``share_depth`` -1 = default).
+
+    ``share_depth`` >= 0 is only meaningful for ``mlssp`` and ``ynet`` (they then differ only
+    in name); for the other variants it must stay -1.
+    """
+    has_tasks(model_cfg.name)  # raises for an unknown name
+    seg, cls, depth = _VARIANTS[model_cfg.name]
+    if model_cfg.share_depth != -1:
+        if model_cfg.name not in _MOVABLE:
+            raise InputError(f"model.share_depth: must be -1 for model '{model_cfg.name}' "
+                             f"(only {', '.join(_MOVABLE)} have a movable branch point)")
+        depth = model_cfg.share_depth
+    return MultiTaskNet(seg=seg, cls=cls, share_depth=depth, width=model_cfg.width,
+                        dense_units=model_cfg.dense_units, conv_impl=model_cfg.conv_impl,
+                        dtype=jnp.dtype(model_cfg.dtype), remat=model_cfg.remat)
+
+
+__all__ = ["DECODER", "LEVELS", "MultiTaskNet", "build_model", "has_tasks"]

@@ -1,0 +1,93 @@
+"""Losses against hand-computed values, empty masks, eps, and the learned weighting."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlssp_jax.losses import bce_loss, dice_loss, total_loss
+
+BIG = 30.0  # sigmoid(+-30) is 1 / 0 to float32 precision
+
+
+def _volume(values):
+    """(B, 2, 1, 1, 1) logits or masks from a (B, 2) list."""
+    return jnp.asarray(values, jnp.float32).reshape(-1, 2, 1, 1, 1)
+
+
+def test_dice_hand_computed():
+    # sample 0: p = (0.5, 0.5), g = (1, 0): 1 - (2*0.5 + 1) / (1 + 1 + 1) = 1/3
+    # sample 1: p = (1, 0), g = (1, 0): perfect -> 0
+    loss = dice_loss(_volume([[0.0, 0.0], [BIG, -BIG]]), _volume([[1, 0], [1, 0]]))
+    np.testing.assert_allclose(loss, [1 / 3, 0.0], atol=1e-6)
+
+
+def test_dice_empty_masks_and_eps():
+    empty = _volume([[0, 0]])
+    # empty truth, empty prediction: (0 + eps) / (0 + eps) -> loss 0 for any eps > 0
+    np.testing.assert_allclose(dice_loss(_volume([[-BIG, -BIG]]), empty), [0.0], atol=1e-6)
+    # empty truth, full prediction: 1 - eps / (2 + eps)
+    full = _volume([[BIG, BIG]])
+    np.testing.assert_allclose(dice_loss(full, empty, eps=1.0), [1 - 1 / 3], atol=1e-6)
+    np.testing.assert_allclose(dice_loss(full, empty, eps=0.5), [1 - 0.5 / 2.5], atol=1e-6)
+    # eps = 0 is the plain soft Dice: p = (0.5, 0), g = (1, 0): 1 - 2*0.5 / (0.5 + 1) = 1/3
+    np.testing.assert_allclose(dice_loss(_volume([[0.0, -BIG]]), _volume([[1, 0]]), eps=0.0),
+                               [1 / 3], atol=1e-6)
+
+
+def test_bce_hand_computed():
+    logits = jnp.array([0.0, 2.0, -1.0])
+    labels = jnp.array([1.0, 0.0, 0.0])
+    expected = [np.log(2.0), np.log1p(np.exp(2.0)), np.log1p(np.exp(-1.0))]
+    np.testing.assert_allclose(bce_loss(logits, labels), expected, rtol=1e-6)
+
+
+@pytest.fixture()
+def case():
+    outputs = {"seg": _volume([[0.0, 0.0], [BIG, -BIG]]), "cls": jnp.array([0.0, 2.0])}
+    batch = {"mask": _volume([[1, 0], [1, 0]]), "label": jnp.array([1.0, 0.0])}
+    dice = (1 / 3 + 0.0) / 2
+    bce = (np.log(2.0) + np.log1p(np.exp(2.0))) / 2
+    return outputs, batch, dice, bce
+
+
+def test_total_fixed_alpha(case):
+    outputs, batch, dice, bce = case
+    loss, aux = total_loss(outputs, batch, alpha=0.4)
+    np.testing.assert_allclose(loss, 0.4 * dice + 0.6 * bce, rtol=1e-6)
+    np.testing.assert_allclose([aux["dice"], aux["bce"]], [dice, bce], rtol=1e-6)
+
+
+def test_total_single_task_models(case):
+    outputs, batch, dice, bce = case
+    loss, aux = total_loss({"seg": outputs["seg"], "cls": None}, batch, alpha=0.4)
+    np.testing.assert_allclose(loss, dice, rtol=1e-6)
+    assert set(aux) == {"dice"}
+    loss, aux = total_loss({"seg": None, "cls": outputs["cls"]}, batch, alpha="auto",
+                           log_vars=jnp.zeros(2))
+    np.testing.assert_allclose(loss, bce, rtol=1e-6)
+    assert set(aux) == {"bce"}
+
+
+def test_total_valid_rows_only(case):
+    outputs, batch, _, _ = case
+    _, aux = total_loss(outputs, {**batch, "valid": jnp.array([True, False])}, alpha=0.5)
+    np.testing.assert_allclose([aux["dice"], aux["bce"]], [1 / 3, np.log(2.0)], rtol=1e-6)
+
+
+def test_total_auto_weighting(case):
+    outputs, batch, dice, bce = case
+    log_vars = jnp.array([0.5, -1.0])
+    loss, aux = total_loss(outputs, batch, alpha="auto", log_vars=log_vars)
+    expected = np.exp(-0.5) * dice + 0.5 + np.exp(1.0) * bce - 1.0
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    np.testing.assert_allclose([aux["weight_dice"], aux["weight_bce"]],
+                               [np.exp(-0.5), np.exp(1.0)], rtol=1e-6)
+    # at zero init the weights are 1 and the optimum of s_t is log L_t (zero gradient there)
+    grad = jax.grad(lambda s: total_loss(outputs, batch, "auto", s)[0])
+    np.testing.assert_allclose(grad(jnp.zeros(2)), [1 - dice, 1 - bce], rtol=1e-5)
+    np.testing.assert_allclose(grad(jnp.log(jnp.array([dice, bce]))), [0.0, 0.0], atol=1e-5)
+    with pytest.raises(ValueError, match="log_vars"):
+        total_loss(outputs, batch, alpha="auto")

@@ -1,0 +1,139 @@
+"""Model family: shapes of every variant, branch point routing, gradient flow, bf16, remat."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlssp_jax.config import MODEL_NAMES, ModelConfig
+from mlssp_jax.errors import InputError
+from mlssp_jax.models import DECODER, build_model, has_tasks
+
+KEY = jax.random.key(0, impl="rbg")  # rbg: far faster to compile on CPU than threefry
+WIDTH = 4
+TINY = ModelConfig(name="mlssp", width=WIDTH, dense_units=8, conv_impl="xla")
+
+
+def _shapes(cfg: ModelConfig, x_shape):
+    """(output shapes, param shapes) without compiling anything (abstract evaluation)."""
+    model = build_model(cfg)
+    out, variables = jax.eval_shape(model.init_with_output, KEY, jnp.zeros(x_shape))
+    return out, variables["params"]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("size", [16, 32, 48])
+def test_output_shapes(name, size):
+    out, _ = _shapes(dataclasses.replace(TINY, name=name), (2, size, size, size, 1))
+    seg, cls = has_tasks(name)
+    assert (out["seg"] is not None, out["cls"] is not None) == (seg, cls)
+    if seg:
+        assert out["seg"].shape == (2, size, size, size, 1)
+        assert out["seg"].dtype == jnp.float32
+    if cls:
+        assert out["cls"].shape == (2,)
+        assert out["cls"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("depth", range(5))
+def test_share_depth_moves_the_branch_point(depth):
+    out, params = _shapes(dataclasses.replace(TINY, share_depth=depth), (1, 32, 32, 32, 1))
+    tap_channels = WIDTH * 2 ** max(depth - 1, 0)
+    assert params["cls_head"]["conv0"]["kernel"].shape == (3, 3, 3, tap_channels, 2 * WIDTH)
+    assert out["cls"].shape == (1,) and out["seg"].shape == (1, 32, 32, 32, 1)
+
+
+def test_variant_defaults():
+    depth = {name: build_model(dataclasses.replace(TINY, name=name)).share_depth
+             for name in ("mlssp", "ynet", "he")}
+    assert depth == {"mlssp": 0, "ynet": 4, "he": DECODER}
+    _, params = _shapes(dataclasses.replace(TINY, name="cnn"), (1, 16, 16, 16, 1))
+    assert set(params) == {"stem", "cls_head"}
+    _, params = _shapes(dataclasses.replace(TINY, name="unet3d"), (1, 16, 16, 16, 1))
+    assert set(params) == {"stem", "unet"}
+
+
+def test_bad_configs_raise():
+    with pytest.raises(InputError, match="model.share_depth"):
+        build_model(dataclasses.replace(TINY, name="he", share_depth=2))
+    with pytest.raises(InputError, match="model.name"):
+        build_model(dataclasses.replace(TINY, name="vnet"))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        _shapes(TINY, (1, 24, 24, 24, 1))
+    with pytest.raises(AssertionError):  # chex: one input channel
+        _shapes(TINY, (1, 16, 16, 16, 2))
+
+
+def _random_params(model, x, seed=0):
+    """He-scaled random params (and non-zero biases) without compiling the initialisers."""
+    shapes = jax.eval_shape(model.init, KEY, x)["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 100
+        return jnp.asarray(rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape), jnp.float32)
+
+    return jax.tree.map(draw, shapes)
+
+
+def _task_grads(model, params, x):
+    """Outputs, and gradients of a seg-only and a cls-only loss w.r.t. all params."""
+    def losses(p):
+        out = model.apply({"params": p}, x)
+        return (jnp.mean(out["seg"] ** 2), jnp.mean(out["cls"] ** 2)), out
+
+    _, vjp, out = jax.vjp(losses, params, has_aux=True)
+    return out, vjp((1.0, 0.0))[0], vjp((0.0, 1.0))[0]
+
+
+@pytest.fixture(scope="module")
+def mlssp():
+    """A width-4 mlssp model, params, a 16^3 batch of 2, its outputs and task gradients."""
+    model = build_model(TINY)
+    x = jax.random.uniform(jax.random.key(1, impl="rbg"), (2, 16, 16, 16, 1))
+    params = _random_params(model, x)
+    out, seg_grads, cls_grads = jax.jit(lambda p: _task_grads(model, p, x))(params)
+    return {"params": params, "x": x, "out": out, "seg_grads": seg_grads, "cls_grads": cls_grads}
+
+
+def _norms(tree):
+    return {k: sum(float(np.abs(np.asarray(g)).sum()) for g in jax.tree.leaves(v))
+            for k, v in tree.items()}
+
+
+def test_gradient_flow_mlssp(mlssp):
+    seg, cls = _norms(mlssp["seg_grads"]), _norms(mlssp["cls_grads"])
+    assert seg["stem"] > 0 and cls["stem"] > 0  # the shared stem learns from both heads
+    assert seg["unet"] > 0 and cls["cls_head"] > 0
+    assert seg["cls_head"] == 0 and cls["unet"] == 0  # the branches are separate
+
+
+def test_bfloat16_close_to_float32(mlssp):
+    model16 = build_model(dataclasses.replace(TINY, dtype="bfloat16"))
+    out16 = jax.jit(model16.apply)({"params": mlssp["params"]}, mlssp["x"])
+    for key in ("seg", "cls"):
+        chex.assert_type(out16[key], jnp.float32)
+        ref = mlssp["out"][key]
+        scale = float(jnp.max(jnp.abs(ref)))
+        assert scale > 0
+        np.testing.assert_allclose(out16[key], ref, atol=0.05 * scale)
+
+
+def test_remat_same_gradients(mlssp):
+    remat = build_model(dataclasses.replace(TINY, remat=True))
+
+    def loss(p):
+        out = remat.apply({"params": p}, mlssp["x"])
+        return jnp.mean(out["seg"] ** 2) + jnp.mean(out["cls"] ** 2)
+
+    # stem, 4 encoder levels, bottom and 4 decoder levels are rematerialised
+    assert str(jax.make_jaxpr(loss)(mlssp["params"])).count("remat") == 10
+    grads = jax.jit(jax.grad(loss))(mlssp["params"])
+    # the gradient of the summed loss is the sum of the two task gradients
+    expected = jax.tree.map(np.add, mlssp["seg_grads"], mlssp["cls_grads"])
+    chex.assert_trees_all_close(grads, expected, rtol=1e-5, atol=1e-7)
