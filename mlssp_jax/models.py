@@ -29,12 +29,14 @@ first k down-samplings shared (``ynet`` = 4, the whole contracting path),
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mlssp_jax.config import ModelConfig
 from mlssp_jax.errors import InputError
@@ -220,4 +222,36 @@ def build_model(model_cfg: ModelConfig) -> MultiTaskNet:
                         dtype=jnp.dtype(model_cfg.dtype), remat=model_cfg.remat)
 
 
-__all__ = ["DECODER", "LEVELS", "MultiTaskNet", "build_model", "has_tasks"]
+# flax's he_normal: variance_scaling(2, "fan_in", "truncated_normal"), cut at 2 std devs;
+# this constant is the std of a unit normal truncated to [-2, 2], which the scale undoes.
+_TRUNCATED_STD = 0.87962566103423978
+
+
+def init_params(model: nn.Module, size: int, seed: int) -> dict[str, Any]:
+    """He-normal kernels and zero biases, drawn with NumPy on the host; a pure function of seed.
+
+    Same distribution as the modules' flax initialisers (truncated normal,
+    std sqrt(2 / fan_in), fan_in = prod(kernel.shape[:-1])), but without XLA: compiling
+    threefry sampling for each of the ~40 parameter shapes took minutes on a 2-core CPU.
+    Each leaf has its own generator, seeded by (seed, crc32 of its path), so the values do
+    not depend on the order of the tree or on the host. Returns the ``params`` collection
+    as float32 NumPy arrays; ``size`` is the input's spatial size (any multiple of 16).
+    """
+    x = jax.ShapeDtypeStruct((1, size, size, size, 1), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+
+    def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+        name = jax.tree_util.keystr(path)
+        if not name.endswith("['kernel']"):
+            return np.zeros(leaf.shape, np.float32)
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        std = np.sqrt(2.0 / np.prod(leaf.shape[:-1])) / _TRUNCATED_STD
+        values = rng.standard_normal(leaf.shape)
+        while (outside := np.abs(values) > 2.0).any():
+            values[outside] = rng.standard_normal(int(outside.sum()))
+        return (values * std).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+__all__ = ["DECODER", "LEVELS", "MultiTaskNet", "build_model", "has_tasks", "init_params"]

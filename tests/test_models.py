@@ -12,7 +12,7 @@ import pytest
 
 from mlssp_jax.config import MODEL_NAMES, ModelConfig
 from mlssp_jax.errors import InputError
-from mlssp_jax.models import DECODER, build_model, has_tasks
+from mlssp_jax.models import DECODER, build_model, has_tasks, init_params
 
 KEY = jax.random.key(0, impl="rbg")  # rbg: far faster to compile on CPU than threefry
 WIDTH = 4
@@ -137,3 +137,24 @@ def test_remat_same_gradients(mlssp):
     # the gradient of the summed loss is the sum of the two task gradients
     expected = jax.tree.map(np.add, mlssp["seg_grads"], mlssp["cls_grads"])
     chex.assert_trees_all_close(grads, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_host_init_params_match_flax_init_structure_and_scale():
+    model = build_model(ModelConfig(name="mlssp", width=4))
+    params = init_params(model, 16, seed=3)
+    reference = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 16, 1)))
+    assert jax.tree.structure(params) == jax.tree.structure(reference["params"])
+    for (path, leaf), ref in zip(jax.tree_util.tree_leaves_with_path(params),
+                                 jax.tree.leaves(reference["params"]), strict=True):
+        assert leaf.shape == ref.shape and leaf.dtype == np.float32
+        if jax.tree_util.keystr(path).endswith("['bias']"):
+            assert not leaf.any()
+    kernel = params["unet"]["bottom"]["conv0"]["kernel"]  # (3, 3, 3, 32, 64): 27,648 draws
+    fan_in = np.prod(kernel.shape[:-1])
+    assert abs(kernel.std() - np.sqrt(2.0 / fan_in)) < 0.03 * np.sqrt(2.0 / fan_in)
+    assert np.abs(kernel).max() <= 2.0 * np.sqrt(2.0 / fan_in) / 0.87962566 + 1e-6
+    again = init_params(model, 16, seed=3)
+    other = init_params(model, 16, seed=4)
+    pairs = zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True)
+    assert all(np.array_equal(a, b) for a, b in pairs)
+    assert not np.array_equal(kernel, other["unet"]["bottom"]["conv0"]["kernel"])
