@@ -1,0 +1,178 @@
+"""Training augmentation of a VOI: the 48 cube symmetries and optional scipy random transforms.
+
+An example is a dict ``{"image": (S, S, S) float32 in [0, 1], "mask": (S, S, S) 0/1, "label"}``
+on a 1 mm grid. Every transform applies identically to image and mask, keeps the mask
+binary, and draws its randomness from the ``np.random.Generator`` it is given (no global
+random state), so the loader can make each sample a pure function of (seed, epoch, index).
+
+The paper's 48 variants (3 x 8 x 2: rotations, flips, transposition) are the 48 symmetries
+of the cube: an axis permutation (6) followed by flips of any subset of the axes (8). They
+form a group; :func:`symmetry` applies element ``index`` (0 is the identity),
+:func:`compose` and :func:`inverse` give the group's product and inverses.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from mlssp_jax.config import AugmentConfig
+
+NUM_SYMMETRIES = 48
+_PERMUTATIONS = tuple(itertools.permutations(range(3)))  # identity first
+
+
+def _parts(index: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The axis permutation and the flipped axes of symmetry ``index`` (perm * 8 + flip bits)."""
+    if not 0 <= index < NUM_SYMMETRIES:
+        raise ValueError(f"symmetry index must be in 0..47, got {index}")
+    perm = _PERMUTATIONS[index // 8]
+    flips = tuple(axis for axis in range(3) if (index % 8) >> axis & 1)
+    return perm, flips
+
+
+def symmetry(index: int, volume: np.ndarray) -> np.ndarray:
+    """Apply cube symmetry ``index`` (0..47) to the first three axes of a cubic ``volume``.
+
+    Transposes the spatial axes by the permutation, then flips the chosen axes. Trailing
+    axes (e.g. channels) are untouched. Returns a numpy view where possible (no copy).
+    """
+    perm, flips = _parts(index)
+    moved = np.transpose(volume, perm + tuple(range(3, volume.ndim)))
+    return np.flip(moved, flips) if flips else moved
+
+
+@functools.cache
+def _matrix(index: int) -> np.ndarray:
+    """Signed permutation matrix M of symmetry ``index``: out[M @ y] = in[y] (centred coords)."""
+    perm, flips = _parts(index)
+    matrix = np.zeros((3, 3), dtype=np.int64)
+    matrix[np.arange(3), perm] = 1
+    for axis in flips:
+        matrix[axis] *= -1
+    return matrix
+
+
+@functools.cache
+def _index_of_matrix() -> dict[bytes, int]:
+    return {_matrix(i).tobytes(): i for i in range(NUM_SYMMETRIES)}
+
+
+def compose(a: int, b: int) -> int:
+    """Index of "apply ``b``, then ``a``".
+
+    ``symmetry(compose(a, b), v) == symmetry(a, symmetry(b, v))``.
+    """
+    return _index_of_matrix()[(_matrix(a) @ _matrix(b)).tobytes()]
+
+
+def inverse(a: int) -> int:
+    """Index of the symmetry undoing ``a``: ``compose(inverse(a), a) == 0``."""
+    return _index_of_matrix()[np.ascontiguousarray(_matrix(a).T).tobytes()]
+
+
+def random_affine_matrix(rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """A random 3x3 output->input voxel map: rotation (each axis, +-``rotate_deg``) x scale.
+
+    The isotropic scale factor is drawn in ``1 +- scale_fraction``.
+    """
+    angles = np.deg2rad(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg, size=3))
+    matrix = np.eye(3)
+    for axis, angle in enumerate(angles):
+        a, b = [ax for ax in range(3) if ax != axis]
+        rotation = np.eye(3)
+        cos, sin = np.cos(angle), np.sin(angle)
+        rotation[[a, a, b, b], [a, b, a, b]] = cos, -sin, sin, cos
+        matrix = rotation @ matrix
+    scale = rng.uniform(1.0 - cfg.scale_fraction, 1.0 + cfg.scale_fraction)
+    return matrix / scale
+
+
+def elastic_displacement(shape: tuple[int, ...], rng: np.random.Generator,
+                         cfg: AugmentConfig) -> np.ndarray:
+    """A smooth random displacement field (3, *shape) in voxels (= mm on the 1 mm grid).
+
+    White noise smoothed by a Gaussian of ``elastic_sigma_mm``, scaled so each component
+    has a standard deviation of ``elastic_alpha_mm``. The field is drawn on a grid
+    ``sigma / 2`` times coarser and upsampled linearly: it is smooth at that scale anyway,
+    and smoothing the coarse noise is far cheaper than smoothing full-size noise.
+    """
+    step = max(1, int(cfg.elastic_sigma_mm // 2))
+    coarse_shape = tuple(-(-n // step) + 1 for n in shape)
+    zoom = np.asarray(shape) / np.asarray(coarse_shape)
+    fields = []
+    for _ in range(3):
+        coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32),
+                                         cfg.elastic_sigma_mm / step, mode="reflect")
+        coarse *= cfg.elastic_alpha_mm / max(float(coarse.std()), 1e-12)
+        fields.append(ndimage.zoom(coarse, zoom, order=1, mode="nearest", grid_mode=True))
+    return np.stack(fields)
+
+
+def _sample_coordinates(shape: tuple[int, ...], rng: np.random.Generator,
+                        cfg: AugmentConfig) -> np.ndarray:
+    """Input voxel coordinates (3, *shape) per output voxel: affine about the centre + elastic."""
+    centre = (np.asarray(shape, dtype=np.float32) - 1.0) / 2.0
+    grid = np.indices(shape, dtype=np.float32) - centre[:, None, None, None]
+    matrix = random_affine_matrix(rng, cfg) if cfg.random_affine else np.eye(3)
+    coords = np.tensordot(matrix.astype(np.float32), grid, axes=1) + centre[:, None, None, None]
+    if cfg.elastic:
+        coords += elastic_displacement(shape, rng, cfg)
+    return coords
+
+
+def spatial_transform(example: dict[str, Any], rng: np.random.Generator,
+                      cfg: AugmentConfig) -> dict[str, Any]:
+    """Random rotation/scale about the VOI centre and/or elastic deformation, one resampling.
+
+    Image: linear interpolation, background 0 outside. Mask: resampled as float, then
+    thresholded at 0.5, so it stays binary and aligned with the image. With only the
+    affine part this is one ``ndimage.affine_transform`` per array; with elastic, one
+    ``ndimage.map_coordinates`` over the combined coordinates.
+    """
+    image, mask = example["image"], example["mask"]
+    if cfg.elastic:
+        coords = _sample_coordinates(image.shape, rng, cfg)
+        warp = functools.partial(ndimage.map_coordinates, coordinates=coords, order=1,
+                                 mode="constant", cval=0.0)
+    else:
+        matrix = random_affine_matrix(rng, cfg)
+        centre = (np.asarray(image.shape) - 1.0) / 2.0
+        warp = functools.partial(ndimage.affine_transform, matrix=matrix,
+                                 offset=centre - matrix @ centre, order=1, mode="constant",
+                                 cval=0.0)
+    new_image = warp(np.asarray(image, dtype=np.float32)).astype(np.float32)
+    new_mask = (warp(np.asarray(mask, dtype=np.float32)) >= 0.5).astype(mask.dtype)
+    return {**example, "image": new_image, "mask": new_mask}
+
+
+def intensity_transform(image: np.ndarray, rng: np.random.Generator,
+                        cfg: AugmentConfig) -> np.ndarray:
+    """Gamma (exponent ``exp(U(-gamma_range, gamma_range))``), Gaussian noise, clip to [0, 1]."""
+    gamma = np.exp(rng.uniform(-cfg.gamma_range, cfg.gamma_range))
+    noisy = np.power(np.clip(image, 0.0, 1.0), gamma) + rng.normal(0.0, cfg.noise_std, image.shape)
+    return np.clip(noisy, 0.0, 1.0).astype(np.float32)
+
+
+def random_transform(example: dict[str, Any], rng: np.random.Generator,
+                     cfg: AugmentConfig) -> dict[str, Any]:
+    """Augment ``{"image", "mask", "label", ...}``: a random cube symmetry, then the enabled scipy
+    transforms (``random_affine``/``elastic``: one resampling; ``intensity``: image only).
+
+    Arrays are (S, S, S); the result holds contiguous copies, other keys pass through.
+    """
+    out = dict(example)
+    if cfg.symmetries:
+        index = int(rng.integers(NUM_SYMMETRIES))
+        out["image"], out["mask"] = symmetry(index, out["image"]), symmetry(index, out["mask"])
+    if cfg.random_affine or cfg.elastic:
+        out = spatial_transform(out, rng, cfg)
+    if cfg.intensity:
+        out["image"] = intensity_transform(out["image"], rng, cfg)
+    out["image"] = np.ascontiguousarray(out["image"], dtype=np.float32)
+    out["mask"] = np.ascontiguousarray(out["mask"])
+    return out

@@ -1,0 +1,105 @@
+"""The 48 cube symmetries form a group; random transforms keep masks binary and aligned."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from mlssp_jax import augment
+from mlssp_jax.config import AugmentConfig
+
+
+@pytest.fixture(scope="module")
+def generic():
+    return np.random.default_rng(0).standard_normal((5, 5, 5)).astype(np.float32)
+
+
+def test_identity_is_index_zero(generic):
+    np.testing.assert_array_equal(augment.symmetry(0, generic), generic)
+
+
+def test_all_48_distinct(generic):
+    outputs = {augment.symmetry(i, generic).tobytes() for i in range(48)}
+    assert len(outputs) == 48
+
+
+def test_closed_under_composition(generic):
+    for a in range(48):
+        for b in range(48):
+            c = augment.compose(a, b)
+            assert 0 <= c < 48
+            np.testing.assert_array_equal(augment.symmetry(c, generic),
+                                          augment.symmetry(a, augment.symmetry(b, generic)))
+
+
+def test_inverses(generic):
+    for a in range(48):
+        inv = augment.inverse(a)
+        np.testing.assert_array_equal(augment.symmetry(inv, augment.symmetry(a, generic)), generic)
+        assert augment.compose(a, inv) == 0
+
+
+def test_symmetry_keeps_channels_and_rejects_bad_index(generic):
+    with_channel = generic[..., None]
+    assert augment.symmetry(17, with_channel).shape == (5, 5, 5, 1)
+    np.testing.assert_array_equal(augment.symmetry(17, with_channel)[..., 0],
+                                  augment.symmetry(17, generic))
+    with pytest.raises(ValueError):
+        augment.symmetry(48, generic)
+
+
+def _sphere_example(size=24, radius=6.0):
+    grid = np.indices((size,) * 3) - (size - 1) / 2
+    inside = (grid**2).sum(0) <= radius**2
+    image = np.where(inside, 0.8, 0.2).astype(np.float32)
+    return {"image": image, "mask": inside.astype(np.uint8), "label": np.float32(1)}
+
+
+ALL_ON = AugmentConfig(random_affine=True, elastic=True, intensity=True, rotate_deg=15.0,
+                       elastic_alpha_mm=1.5, elastic_sigma_mm=4.0)
+
+
+@pytest.mark.parametrize("cfg", [dataclasses.replace(ALL_ON, elastic=False),
+                                 dataclasses.replace(ALL_ON, random_affine=False), ALL_ON])
+def test_random_transform_mask_binary_and_aligned(cfg):
+    example = _sphere_example()
+    out = augment.random_transform(example, np.random.default_rng(3), cfg)
+    assert out["image"].dtype == np.float32 and out["image"].shape == example["image"].shape
+    assert set(np.unique(out["mask"])) <= {0, 1} and out["mask"].dtype == np.uint8
+    assert out["label"] == 1
+    assert 0.0 <= out["image"].min() and out["image"].max() <= 1.0
+    # aligned: the bright sphere and the mask coincide (apart from the boundary layer)
+    inside = out["image"][out["mask"] == 1].mean()
+    outside = out["image"][(out["mask"] == 0) & (out["image"] > 0)].mean()
+    assert inside - outside > 0.4
+    ratio = out["mask"].sum() / example["mask"].sum()
+    assert 0.6 < ratio < 1.6  # scale 1 +- 0.1 changes volume by at most ~1.33x
+    np.testing.assert_allclose(ndimage.center_of_mass(out["mask"]), [11.5] * 3, atol=2.0)
+
+
+def test_random_transform_is_deterministic_in_the_generator():
+    example = _sphere_example()
+    a = augment.random_transform(example, np.random.default_rng(7), ALL_ON)
+    b = augment.random_transform(example, np.random.default_rng(7), ALL_ON)
+    c = augment.random_transform(example, np.random.default_rng(8), ALL_ON)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    assert not np.array_equal(a["image"], c["image"])
+
+
+def test_paper_config_only_permutes_voxels():
+    example = _sphere_example()
+    example["image"] = np.random.default_rng(1).random((24, 24, 24)).astype(np.float32)
+    out = augment.random_transform(example, np.random.default_rng(5), AugmentConfig())
+    np.testing.assert_array_equal(np.sort(out["image"], axis=None),
+                                  np.sort(example["image"], axis=None))
+    assert out["image"].flags.c_contiguous
+
+
+def test_elastic_displacement_size_and_smoothness():
+    cfg = AugmentConfig(elastic=True, elastic_alpha_mm=3.0, elastic_sigma_mm=6.0)
+    field = augment.elastic_displacement((32, 32, 32), np.random.default_rng(0), cfg)
+    assert field.shape == (3, 32, 32, 32)
+    np.testing.assert_allclose(field.std(axis=(1, 2, 3)), 3.0, rtol=0.1)
+    neighbours = np.corrcoef(field[0, :-1].ravel(), field[0, 1:].ravel())[0, 1]
+    assert neighbours > 0.95  # smooth at the voxel scale
