@@ -31,6 +31,7 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
+        force=True,  # orbax and grain install a WARNING root handler at import
     )
 
 

@@ -157,7 +157,7 @@ def from_dict(raw: dict[str, Any], where: str = "config", base: Config | None = 
 
 
 def load(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML config (or the defaults if ``path`` is None) and apply ``key=value`` overrides."""
+    """Read a TOML config (defaults if ``path`` is None), then apply ``key=value`` overrides."""
     config = Config()
     if path is not None:
         path = Path(path)
@@ -218,7 +218,8 @@ def validate(config: Config, where: str = "config") -> None:
     _check(t.num_folds >= 2, where, "train.num_folds must be >= 2")
     _check(0.0 <= t.inner_val_fraction < 0.5, where, "train.inner_val_fraction must be in [0, 0.5)")
     _check(0.0 < t.threshold < 1.0, where, "train.threshold must be in (0, 1)")
-    _check(t.workers >= 0 and t.prefetch >= 0, where, "train.workers and train.prefetch must be >= 0")
+    _check(t.workers >= 0 and t.prefetch >= 0, where,
+           "train.workers and train.prefetch must be >= 0")
 
 
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:

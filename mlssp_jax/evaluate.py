@@ -1,0 +1,150 @@
+"""Pool the finished folds of a run into ``W/summary.json`` (``python -m mlssp_jax.evaluate``).
+
+Segmentation metrics are averaged over all subjects of all finished folds; classification
+metrics are computed once on the pooled out-of-fold probabilities (as the paper reports its
+80 subjects). Every metric gets a seeded bootstrap 95% confidence interval over subjects.
+``summary.json`` has eval.json's layout (``segmentation``/``classification`` with the same
+metric keys and ``per_subject`` lists) plus ``ci95`` per task, ``folds``, ``missing_folds``,
+``n_subjects`` and the bootstrap settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mlssp_jax import cli, config, metrics
+from mlssp_jax.errors import InputError
+from mlssp_jax.fileio import write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RESAMPLES = 2000
+DEFAULT_SEED = 0
+CLASSIFICATION_KEYS = ("accuracy", "sensitivity", "specificity", "auc")
+
+
+def read_run(workdir: Path) -> tuple[config.Config, dict[int, dict], list[int]]:
+    """The run's config, its finished folds' eval.json by fold, and the missing fold numbers."""
+    config_path = workdir / "config.toml"
+    if not config_path.is_file():
+        raise InputError(f"{config_path}: no such file (not a run directory?)")
+    cfg = config.load(config_path)
+    evals, missing = {}, []
+    for fold in range(cfg.train.num_folds):
+        path = workdir / f"fold_{fold}" / "eval.json"
+        if not path.is_file():
+            missing.append(fold)
+            continue
+        try:
+            evals[fold] = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{path}: not valid JSON: {err}") from None
+    return cfg, evals, missing
+
+
+def _as_float(value) -> float:
+    """A per-subject metric as float; null (undefined, e.g. PPV of an empty prediction) -> NaN."""
+    return float("nan") if value is None else float(value)
+
+
+def _defined_mean(values: np.ndarray) -> float:
+    """Mean of the defined (non-NaN) values; NaN if none (a statistic for the bootstrap)."""
+    return metrics.mean_metrics([{"v": v} for v in values])["v"]
+
+
+def _estimate_and_ci(statistic, *arrays: np.ndarray, n_resamples: int,
+                     seed: int) -> tuple[float | None, list[float | None]]:
+    """A statistic over subjects and its bootstrap 95% CI, as JSON (undefined -> null).
+
+    An undefined estimate (e.g. the AUC of one class) has no interval.
+    """
+    if not np.isfinite(statistic(*arrays)):
+        return None, [None, None]
+    estimate, low, high = metrics.bootstrap_ci(statistic, *arrays, n_resamples=n_resamples,
+                                               seed=seed)
+    return estimate, [float(b) if np.isfinite(b) else None for b in (low, high)]
+
+
+def pool_segmentation(evals: Sequence[dict], n_resamples: int, seed: int) -> dict | None:
+    """Mean of each per-subject segmentation metric over all subjects, with bootstrap CIs.
+
+    Undefined per-subject values (null/NaN) are left out of the mean. None if no fold has
+    a segmentation result (a classification-only model).
+    """
+    rows = [row for e in evals if e.get("segmentation") for row in e["segmentation"]["per_subject"]]
+    if not rows:
+        return None
+    keys = [k for k in rows[0] if k != "subject_id"]
+    pooled, ci95 = {}, {}
+    for key in keys:
+        column = np.array([_as_float(row.get(key)) for row in rows])
+        pooled[key], ci95[key] = _estimate_and_ci(_defined_mean, column,
+                                                  n_resamples=n_resamples, seed=seed)
+    return {**pooled, "ci95": ci95, "per_subject": rows}
+
+
+def pool_classification(evals: Sequence[dict], threshold: float, n_resamples: int,
+                        seed: int) -> dict | None:
+    """Accuracy, sensitivity, specificity and AUC of the pooled out-of-fold probabilities."""
+    rows = [row for e in evals if e.get("classification")
+            for row in e["classification"]["per_subject"]]
+    if not rows:
+        return None
+    labels = np.array([int(row["label"]) for row in rows])
+    probs = np.array([float(row["prob"]) for row in rows])
+    pooled, ci95 = {}, {}
+    for key in CLASSIFICATION_KEYS:
+        def statistic(y, p, key=key):
+            return metrics.classification_metrics(y, p, threshold)[key]
+        pooled[key], ci95[key] = _estimate_and_ci(statistic, labels, probs,
+                                                  n_resamples=n_resamples, seed=seed)
+    return {**pooled, "threshold": threshold, "ci95": ci95, "per_subject": rows}
+
+
+def summarize(workdir: str | Path, n_resamples: int = DEFAULT_RESAMPLES,
+              seed: int = DEFAULT_SEED) -> dict:
+    """The pooled summary of a run directory (see the module docstring for its layout).
+
+    Raises InputError if no fold has finished; logs a warning naming missing folds.
+    """
+    workdir = Path(workdir)
+    cfg, evals, missing = read_run(workdir)
+    if not evals:
+        raise InputError(f"{workdir}: no finished fold (no fold_K/eval.json)")
+    if missing:
+        log.warning("%s: folds %s have no eval.json; pooling folds %s only",
+                    workdir, missing, sorted(evals))
+    ordered = [evals[k] for k in sorted(evals)]
+    seg = pool_segmentation(ordered, n_resamples, seed)
+    cls = pool_classification(ordered, cfg.train.threshold, n_resamples, seed)
+    n_subjects = len((seg or cls)["per_subject"])
+    return {"model": cfg.model.name, "alpha": cfg.train.alpha, "folds": sorted(evals),
+            "missing_folds": missing, "n_subjects": n_subjects,
+            "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": 0.95},
+            "segmentation": seg, "classification": cls}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = cli.ArgumentParser(prog="python -m mlssp_jax.evaluate", description=__doc__)
+    parser.add_argument("--workdir", required=True, type=Path, help="the run directory")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES,
+                        help="bootstrap resamples for the 95%% CIs")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed")
+    args = parser.parse_args(argv)
+    cli.setup_logging()
+    if args.bootstrap < 1:
+        raise InputError(f"--bootstrap: must be >= 1, got {args.bootstrap}")
+    summary = summarize(args.workdir, args.bootstrap, args.seed)
+    write_json(args.workdir / "summary.json", summary)
+    log.info("wrote %s (%d subjects, folds %s)", args.workdir / "summary.json",
+             summary["n_subjects"], summary["folds"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.run_command(main))

@@ -1,0 +1,121 @@
+"""Sliding-window inference, TTA, ensembling and the classification VOI, with toy predict_fns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlssp_jax import inference
+
+
+def identity(images):
+    """Toy model: the segmentation probability is the input; class probability its mean."""
+    return {"seg_prob": images, "cls_prob": images.mean(axis=(1, 2, 3, 4))}
+
+
+def test_steps_cover_the_axis_like_nnunet():
+    assert inference.sliding_window_steps((64, 100, 65), 64, 0.5) == [[0], [0, 18, 36], [0, 1]]
+    for starts in inference.sliding_window_steps((200,), 64, 0.25):
+        assert starts[0] == 0 and starts[-1] + 64 == 200
+        assert max(np.diff(starts)) <= 48
+
+
+def test_steps_reject_a_window_larger_than_the_volume():
+    with pytest.raises(ValueError, match="smaller than the window"):
+        inference.sliding_window_steps((10,), 16, 0.5)
+
+
+def test_gaussian_peaks_at_the_centre_and_stays_positive():
+    g = inference.gaussian_importance(16)
+    assert g.shape == (16, 16, 16) and g.max() == pytest.approx(1.0)
+    assert g[7, 7, 7] == g.max() and g[8, 8, 8] == g[7, 7, 7]
+    np.testing.assert_allclose(g, g[::-1, ::-1, ::-1])
+    assert 0 < g[0, 0, 0] < 1e-3
+
+
+@pytest.mark.parametrize("shape", [(20, 24, 17), (10, 16, 30)])
+def test_identity_model_reproduces_the_volume(shape):
+    volume = np.random.default_rng(0).random(shape, dtype=np.float32)
+    out = inference.sliding_window_predict(volume, identity, window=16, overlap=0.5, batch_size=3)
+    assert out.shape == shape
+    np.testing.assert_allclose(out, volume, atol=1e-6)
+
+
+def test_overlapping_windows_are_gaussian_weighted():
+    calls = []
+
+    def window_index(images):
+        calls.append(len(calls))
+        return {"seg_prob": np.full(images.shape, float(len(calls) - 1), np.float32)}
+
+    out = inference.sliding_window_predict(np.zeros((16, 16, 24)), window_index, 16, 0.5, 1)
+    assert len(calls) == 2  # starts 0 and 8 along the last axis
+    g = inference.gaussian_importance(16)[8, 8]  # the profile along the last axis
+    k = np.arange(8, 16)
+    np.testing.assert_allclose(out[8, 8, 8:16], g[k - 8] / (g[k] + g[k - 8]), rtol=1e-5)
+    np.testing.assert_array_equal(out[:, :, :8], 0.0)
+    np.testing.assert_array_equal(out[:, :, 16:], 1.0)
+
+
+def test_tta_undoes_each_symmetry():
+    """An equivariant model is unchanged by TTA (wrong inverses would scramble the volume)."""
+    volume = np.random.default_rng(1).random((16, 16, 16), dtype=np.float32)
+    out = inference.sliding_window_predict(volume, identity, 16, 0.5, 1, tta=True)
+    np.testing.assert_allclose(out, volume, atol=1e-6)
+
+
+def test_tta_averages_over_the_48_symmetries():
+    """A model that multiplies by a ramp along one axis averages to half the input."""
+    ramp = np.broadcast_to(np.linspace(0, 1, 16, dtype=np.float32)[:, None, None], (16,) * 3)
+
+    def ramped(images):
+        return {"seg_prob": images * ramp[None, ..., None]}
+
+    volume = np.random.default_rng(2).random((16, 16, 16), dtype=np.float32)
+    plain = inference.sliding_window_predict(volume, ramped, 16, 0.5, 1)
+    np.testing.assert_allclose(plain, volume * ramp, atol=1e-6)
+    tta = inference.sliding_window_predict(volume, ramped, 16, 0.5, 1, tta=True)
+    np.testing.assert_allclose(tta, 0.5 * volume, atol=1e-5)
+
+
+def test_ensemble_is_the_mean_and_keeps_missing_tasks():
+    def const(value):
+        return lambda x: {"seg_prob": np.full(x.shape, value), "cls_prob": None}
+
+    out = inference.ensemble([const(0.2), const(0.6)])(np.zeros((2, 4, 4, 4, 1)))
+    np.testing.assert_allclose(out["seg_prob"], 0.4)
+    assert out["cls_prob"] is None
+    with pytest.raises(ValueError):
+        inference.ensemble([])
+
+
+def two_blobs():
+    mask = np.zeros((32, 32, 32), bool)
+    mask[2:4, 2:4, 2:4] = True  # 8 voxels
+    mask[9:12, 11:14, 13:16] = True  # 27 voxels, centre (10, 12, 14)
+    return mask
+
+
+def test_largest_component_and_its_centre():
+    mask = two_blobs()
+    big = inference.largest_component(mask)
+    assert big.sum() == 27 and big[10, 12, 14]
+    assert not inference.largest_component(np.zeros((4, 4, 4), bool)).any()
+    np.testing.assert_array_equal(inference.classification_centre(mask * 0.9, 0.5), [10, 12, 14])
+
+
+def test_centre_falls_back_to_the_most_probable_voxel():
+    prob = np.zeros((8, 8, 8))
+    prob[1, 2, 3] = 0.3
+    np.testing.assert_array_equal(inference.classification_centre(prob, 0.5), [1, 2, 3])
+
+
+def test_classify_reads_the_voi_around_the_largest_lesion():
+    mask = two_blobs()
+    volume = mask.astype(np.float32)
+    prob, centre = inference.classify(volume, mask * 1.0, identity, voi_size=16, threshold=0.5,
+                                      batch_size=3)
+    np.testing.assert_array_equal(centre, [10, 12, 14])
+    assert prob == pytest.approx(27 / 16**3)  # the small blob lies outside this VOI
+    no_cls = inference.ensemble([lambda x: {"seg_prob": x, "cls_prob": None}])
+    assert inference.classify(volume, mask * 1.0, no_cls, 16, 0.5)[0] is None

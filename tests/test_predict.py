@@ -1,0 +1,178 @@
+"""predict: whole-scan segmentation and classification, back on the input's grid.
+
+The geometry (resampling back, volume, LPS vs RAS, the classification VOI) is tested exactly
+with a toy model that segments a phantom's hematoma by its density; the command runs end to
+end on the checkpoints of a tiny real training run on the synthetic cohort.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from mlssp_jax import config, manifest, nifti, predict, preprocess, train_lib
+from mlssp_jax.cli import run_command
+from mlssp_jax.errors import InputError
+
+LESION_CENTRE_MM = np.array([10.0, -5.0, 4.0])
+LESION_RADIUS_MM = 8.0
+
+
+def phantom(shape=(60, 60, 20), spacing_mm=(1.5, 1.5, 4.0)):
+    """A ball head in HU (brain 30, a 5 mm skull of 1000, air) with a 70 HU ball hematoma.
+
+    RAS voxel order, anisotropic spacing, centred on the world origin. Returns (Volume, truth).
+    """
+    spacing = np.array(spacing_mm)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -(np.array(shape) - 1) / 2 * spacing
+    world = np.indices(shape).reshape(3, -1).T * spacing + affine[:3, 3]
+    radius = np.linalg.norm(world, axis=1)
+    hu = np.where(radius < 35, 30.0, np.where(radius < 40, 1000.0, -1000.0))
+    lesion = np.linalg.norm(world - LESION_CENTRE_MM, axis=1) <= LESION_RADIUS_MM
+    hu[lesion] = 70.0
+    volume = nifti.Volume(data=hu.reshape(shape).astype(np.float32), affine=affine,
+                          path=Path("phantom.nii.gz"))
+    return volume, lesion.reshape(shape)
+
+
+def toy_model(images):
+    """Segmentation: windowed density in the hematoma's band (50-80 HU), opened by a 3^3 cube
+    (drops the thin partial-volume rim of the skull); AVM probability: the VOI's mean."""
+    band = (images >= 0.5) & (images <= 0.8)
+    seg = ndimage.binary_opening(band, np.ones((1, 3, 3, 3, 1), bool))
+    return {"seg_prob": seg.astype(np.float32), "cls_prob": images.mean(axis=(1, 2, 3, 4))}
+
+
+def toy_config():
+    return config.apply_overrides(config.Config(), ["data.voi_size=32"])
+
+
+@pytest.fixture(scope="module")
+def toy_result():
+    return predict.predict_scan(phantom()[0], toy_model, toy_config(), batch_size=8)
+
+
+def dice(a, b):
+    return 2 * np.sum(a & b) / (a.sum() + b.sum())
+
+
+def test_resampling_back_puts_a_ball_at_its_world_position():
+    """A 10 mm ball of probability on a 1 mm RAS grid lands on an oblique LPS 0.8x0.8x3 mm grid."""
+    prob_affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    prob_affine[:3, 3] = [-40, -40, -40]
+    centre = np.array([3.0, -5.0, 7.0])
+    world = np.indices((80, 80, 80)).reshape(3, -1).T + prob_affine[:3, 3]
+    prob = (np.linalg.norm(world - centre, axis=1) <= 10).reshape(80, 80, 80).astype(np.float32)
+    angle = np.deg2rad(10)
+    cos, sin = np.cos(angle), np.sin(angle)
+    rot = np.array([[-1, 0, 0], [0, -cos, -sin], [0, sin, cos]])
+    input_affine = np.eye(4)
+    input_affine[:3, :3] = rot @ np.diag([0.8, 0.8, 3.0])
+    input_affine[:3, 3] = [30, 30, -25]
+    shape = (75, 70, 18)
+    mask = predict.resample_to_input(prob, prob_affine, input_affine, shape, 0.5)
+    assert mask.shape == shape and mask.dtype == np.uint8
+    index = np.indices(shape).reshape(3, -1).T
+    dist = np.linalg.norm(index @ input_affine[:3, :3].T + input_affine[:3, 3] - centre, axis=1)
+    flat = mask.ravel().astype(bool)
+    assert flat[dist < 9.0].all() and not flat[dist > 11.0].any()
+
+
+def test_voxel_volume_in_ml():
+    affine = np.diag([0.5, 0.5, 4.0, 1.0])
+    affine[:3, :3] = affine[:3, :3][[1, 0, 2]]  # axis order does not change the volume
+    assert predict.voxel_volume_ml(affine) == pytest.approx(1e-3)
+
+
+def test_toy_model_mask_is_on_the_input_grid_and_finds_the_lesion(toy_result):
+    image, truth = phantom()
+    mask = toy_result["mask"]
+    assert mask.shape == image.data.shape and mask.dtype == np.uint8
+    assert dice(mask > 0, truth) > 0.95
+    voxel_ml = abs(np.linalg.det(image.affine[:3, :3])) / 1000
+    assert toy_result["volume_ml"] == pytest.approx(mask.sum() * voxel_ml)
+    np.testing.assert_allclose(toy_result["voi_centre_mm"], LESION_CENTRE_MM, atol=1.0)
+    assert 0 < toy_result["avm_probability"] < 1 and toy_result["label"] in (0, 1)
+
+
+def test_lps_copy_gives_the_same_mask_in_world_space(toy_result):
+    image, _ = phantom(shape=(61, 59, 20))  # odd sizes: the flip is not a symmetry of the grid
+    ras = predict.predict_scan(image, toy_model, toy_config(), batch_size=8)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = np.array(image.data.shape[:2]) - 1  # index i -> n - 1 - i on axes 0 and 1
+    lps = nifti.Volume(data=image.data[::-1, ::-1].copy(), affine=image.affine @ flip,
+                       path=image.path)
+    result = predict.predict_scan(lps, toy_model, toy_config(), batch_size=8)
+    np.testing.assert_array_equal(result["mask"][::-1, ::-1], ras["mask"])
+    assert result["volume_ml"] == pytest.approx(ras["volume_ml"])
+    assert ras["mask"].sum() > 100
+
+
+def test_bad_inputs_are_errors(tmp_path, capsys):
+    (tmp_path / "scan.txt").write_text("not a scan")
+    for argv in (["--workdir", str(tmp_path), "--image", str(tmp_path / "missing.nii.gz")],
+                 ["--workdir", str(tmp_path), "--image", str(tmp_path / "scan.txt")],
+                 ["--workdir", str(tmp_path), "--image", str(tmp_path)],
+                 ["--workdir", str(tmp_path), "--image", str(tmp_path / "scan.txt"),
+                  "--overlap", "1.5"]):
+        assert run_command(predict.main, argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and err.count("\n") == 1
+
+
+def test_a_run_without_segmentation_or_finished_folds_is_refused(tmp_path):
+    from test_evaluate import write_fake_run
+
+    write_fake_run(tmp_path / "cnn", model="cnn")
+    with pytest.raises(InputError, match="no segmentation branch"):
+        predict.load_ensemble(tmp_path / "cnn")
+    write_fake_run(tmp_path / "mlssp", model="mlssp")
+    for eval_json in (tmp_path / "mlssp").glob("fold_*/eval.json"):
+        eval_json.unlink()
+    with pytest.raises(InputError, match="no finished fold"):
+        predict.load_ensemble(tmp_path / "mlssp")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_cohort, tmp_path_factory):
+    """A tiny MLSSP run (16^3 VOIs, width 4, 1 epoch) with fold 0 trained and evaluated."""
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = config.apply_overrides(config.Config(), [
+        f'data.manifest="{tiny_cohort}"', f'data.cache_dir="{cache}"', "data.voi_size=16",
+        "model.width=4", "model.dense_units=8", "train.epochs=1", "train.batch_size=2",
+        "train.workers=0", "train.learning_rate=0.001"])
+    preprocess.cached_cohort(tiny_cohort, cfg.data, workers=1)  # in this process: no spawning
+    workdir = tmp_path_factory.mktemp("run")
+    train_lib.train_and_evaluate(cfg, workdir, fold=0, resume=False)
+    return workdir
+
+
+def test_command_writes_mask_and_json_on_the_inputs_grid(trained_run, tiny_cohort, tmp_path):
+    scans = [s.image for s in manifest.read_manifest(tiny_cohort)[:2]]
+    argv = ["--workdir", str(trained_run), "--image", *map(str, scans), "--out",
+            str(tmp_path / "out"), "--batch-size", "16", "--overlap", "0"]
+    assert run_command(predict.main, argv) == 0
+    for scan in scans:
+        name = predict.scan_name(scan)
+        image = nifti.load_image(scan)
+        mask = nifti.load_mask(tmp_path / "out" / f"{name}_mask.nii.gz", image,
+                               require_lesion=False)
+        assert mask.data.shape == image.data.shape
+        record = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        voxel_ml = abs(np.linalg.det(image.affine[:3, :3])) / 1000
+        assert record["volume_ml"] == pytest.approx(mask.data.sum() * voxel_ml)
+        assert record["folds"] == [0] and 0 <= record["avm_probability"] <= 1
+        assert record["label"] == int(record["avm_probability"] >= record["threshold"])
+
+
+def test_command_refuses_an_unfinished_fold(trained_run, tiny_cohort, tmp_path, capsys):
+    scan = manifest.read_manifest(tiny_cohort)[0].image
+    argv = ["--workdir", str(trained_run), "--image", str(scan), "--fold", "3",
+            "--out", str(tmp_path / "o")]
+    assert run_command(predict.main, argv) == 2
+    assert "--fold 3" in capsys.readouterr().err and not (tmp_path / "o").exists()

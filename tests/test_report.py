@@ -1,0 +1,155 @@
+"""report: the paper's tables and figures from fake finished runs (written per SPEC)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+from test_evaluate import write_fake_run
+
+from mlssp_jax import evaluate, metrics, report
+from mlssp_jax.cli import run_command
+
+ALPHA_SKILL = {0.3: 0.6, 0.4: 0.7, 0.5: 0.95, 0.6: 0.65, 0.7: 0.5}  # 0.5 is best
+BASELINE_SKILL = {"ynet": 0.8, "he": 0.7, "unet3d": 0.75, "cnn": 0.55}
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """Five MLSSP alphas and the four baselines at alpha 0.5 (summaries pooled), and a report."""
+    root = tmp_path_factory.mktemp("experiment")
+    dirs = []
+    for seed, (alpha, skill) in enumerate(ALPHA_SKILL.items()):
+        dirs.append(root / f"mlssp_alpha{alpha}")
+        write_fake_run(dirs[-1], "mlssp", alpha, skill, seed=seed)
+    for seed, (model, skill) in enumerate(BASELINE_SKILL.items(), start=10):
+        dirs.append(root / f"{model}_alpha0.5")
+        write_fake_run(dirs[-1], model, 0.5, skill, seed=seed)
+    for d in dirs:
+        assert evaluate.main(["--workdir", str(d), "--bootstrap", "100"]) == 0
+    assert report.main([*map(str, dirs), "--out", str(root / "report")]) == 0
+    return dirs, root / "report"
+
+
+def _summary(workdir):
+    return json.loads((workdir / "summary.json").read_text())
+
+
+def _section(text, title):
+    """The lines of the markdown table under the heading starting with ``title``."""
+    block = text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    return [line for line in block.splitlines() if line.startswith("|")]
+
+
+def test_tables_have_the_papers_layout(experiment):
+    dirs, out = experiment
+    text = (out / "report.md").read_text()
+    table1 = _section(text, "Table 1")
+    assert len(table1) == 2 + 5 and "DSC (paper)" in table1[0]
+    row = next(line for line in table1 if line.startswith("| 0.3 |"))
+    seg = _summary(dirs[0])["segmentation"]
+    low, high = seg["ci95"]["dsc"]
+    assert f"{seg['dsc']:.3f} [{low:.3f}, {high:.3f}]" in row and "*0.814*" in row
+    table2 = _section(text, "Table 2")
+    cls = _summary(dirs[1])["classification"]
+    row = next(line for line in table2 if line.startswith("| 0.4 |"))
+    assert f"{100 * cls['accuracy']:.2f} [" in row and "*95.00*" in row
+    table3 = _section(text, "Table 3")
+    assert [line.split("|")[1].strip() for line in table3[2:]] == ["MLSSP", "Y-Net", "He et al.",
+                                                                  "CNN"]
+    assert "Zhao et al. 2022" in text and "not comparable" in text
+
+
+def test_best_alpha_picks_the_runs_at_that_alpha(experiment):
+    dirs, out = experiment
+    text = (out / "report.md").read_text()
+    assert "Best MLSSP alpha: **0.5**" in text
+    mlssp_row = next(line for line in _section(text, "Table 3") if line.startswith("| MLSSP"))
+    auc = _summary(dirs[2])["classification"]["auc"]  # the alpha-0.5 run
+    assert mlssp_row.split("|")[2].strip() == "0.5" and f"{auc:.3f} [" in mlssp_row
+
+
+def test_delong_p_values_against_mlssp(experiment):
+    dirs, out = experiment
+    text = (out / "report.md").read_text()
+    ynet_row = next(line for line in _section(text, "Table 3") if line.startswith("| Y-Net"))
+    rows_a = _summary(dirs[5])["classification"]["per_subject"]
+    rows_b = {r["subject_id"]: r for r in _summary(dirs[2])["classification"]["per_subject"]}
+    labels = np.array([r["label"] for r in rows_a])
+    _, _, p = metrics.delong_test(labels, np.array([r["prob"] for r in rows_a]),
+                                  np.array([rows_b[r["subject_id"]]["prob"] for r in rows_a]))
+    assert ynet_row.rstrip(" |").endswith(f"{p:.3f}")
+    mlssp_row = next(line for line in _section(text, "Table 3") if line.startswith("| MLSSP"))
+    assert mlssp_row.rstrip(" |").endswith("-")
+
+
+def test_figures_are_written_and_linked(experiment):
+    _, out = experiment
+    text = (out / "report.md").read_text()
+    names = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert sorted(names) == sorted(name for name, _ in report.FIGURES)
+    for name in names:
+        pixels = mpimg.imread(out / name)
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 300
+        assert pixels[..., :3].std() > 0.05  # not blank
+
+
+def test_report_pools_a_run_without_summary(tmp_path):
+    write_fake_run(tmp_path / "cnn", model="cnn", alpha=0.4)
+    assert report.main([str(tmp_path / "cnn"), "--out", str(tmp_path / "r")]) == 0
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "| CNN | 0.4 |" in text
+    assert (tmp_path / "r" / "fig6_roc_by_model.png").is_file()
+    assert not (tmp_path / "r" / "fig4_dsc_by_model.png").exists()  # no segmentation model
+
+
+def test_missing_run_dir_is_an_error(tmp_path, capsys):
+    assert run_command(report.main, [str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+    assert not (tmp_path / "r").exists()
+
+
+def test_experiment_sweeps_alphas_then_baselines_and_resumes(tmp_path, monkeypatch):
+    """The whole experiment with the trainer replaced by one writing fake folds."""
+    from test_evaluate import write_fake_fold
+
+    from mlssp_jax import experiment
+
+    calls = []
+
+    def fake_train(cfg, workdir, fold, resume):
+        calls.append((cfg.model.name, cfg.train.alpha, fold))
+        skill = 0.9 if cfg.train.alpha == 0.5 else 0.6
+        write_fake_fold(workdir, cfg, fold, skill, np.random.default_rng(fold), epochs=2)
+
+    monkeypatch.setattr(experiment.train_lib, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(experiment, "use_compilation_cache", lambda out: None)
+    argv = ["--out", str(tmp_path / "exp"), "--alphas", "0.3,0.5", "--models", "ynet,cnn",
+            "--set", "train.num_folds=2", "--bootstrap", "50"]
+    assert experiment.main(argv) == 0
+    assert calls == [("mlssp", 0.3, 0), ("mlssp", 0.3, 1), ("mlssp", 0.5, 0), ("mlssp", 0.5, 1),
+                     ("ynet", 0.5, 0), ("ynet", 0.5, 1), ("cnn", 0.5, 0), ("cnn", 0.5, 1)]
+    text = (tmp_path / "exp" / "report" / "report.md").read_text()
+    assert "Best MLSSP alpha: **0.5**" in text and "| CNN | 0.5 |" in text
+    (tmp_path / "exp" / "ynet_alpha0.5" / "fold_1" / "eval.json").unlink()
+    calls.clear()
+    monkeypatch.setattr(experiment.report, "write_report", lambda dirs, out: out / "report.md")
+    assert experiment.main(argv) == 0
+    assert calls == [("ynet", 0.5, 1)]
+    assert run_command(experiment.main, argv + ["--models", "mlssp"]) == 2
+
+
+def test_experiment_caches_compiled_programs_in_its_directory(tmp_path, monkeypatch):
+    from mlssp_jax import experiment
+
+    updates = []
+    monkeypatch.setattr(experiment.jax.config, "update", lambda *a: updates.append(a))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    experiment.use_compilation_cache(tmp_path)
+    assert updates == [("jax_compilation_cache_dir", str(tmp_path / "jax_cache"))]
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+    experiment.use_compilation_cache(tmp_path / "other")
+    assert len(updates) == 1

@@ -1,0 +1,83 @@
+"""train_lib pieces that need no compiled model: lr schedule, NaN stop, results, selection."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import struct
+
+from mlssp_jax import config as config_lib
+from mlssp_jax import input_pipeline, parallel, train, train_lib
+
+
+def test_learning_rate_decays_five_percent_per_epoch_not_per_step():
+    cfg = config_lib.TrainConfig(learning_rate=1e-3, lr_decay_per_epoch=0.05)
+    lr = train_lib.create_learning_rate_fn(cfg, steps_per_epoch=7)
+    for step in range(0, 40):
+        assert float(lr(step)) == pytest.approx(1e-3 * 0.95 ** (step // 7), rel=1e-6)
+
+
+@struct.dataclass
+class FakeState:
+    step: jnp.ndarray
+
+
+def test_nan_loss_stops_the_epoch_naming_the_step(monkeypatch):
+    """A NaN at the 3rd step of epoch 2 raises TrainingDiverged naming step 8 and epoch 2."""
+    batch = {"image": np.zeros((2, 16, 16, 16, 1), np.float32), "label": np.zeros(2, np.float32)}
+    monkeypatch.setattr(input_pipeline, "train_batches", lambda *a, **k: iter([batch] * 5))
+    monkeypatch.setattr(input_pipeline, "steps_per_epoch", lambda n, b: 5)
+    seen = []
+
+    def fake_step(state, sharded):
+        seen.append(int(state.step))
+        loss = math.nan if int(state.step) == 7 else 0.5
+        return state.replace(step=state.step + 1), {"loss": jnp.float32(loss), "lr": 1.0}
+
+    config = config_lib.Config(train=config_lib.TrainConfig(batch_size=2))
+    mesh = parallel.make_mesh()
+    with pytest.raises(train_lib.TrainingDiverged, match=r"nan at step 8 \(epoch 2\)"):
+        train_lib.train_epoch(fake_step, FakeState(jnp.int32(5)), [{}] * 10, config, 1, mesh)
+    assert seen == [5, 6, 7]
+
+
+def test_train_command_reports_divergence_as_one_error_line(monkeypatch, capsys, tmp_path):
+    def diverge(*args, **kwargs):
+        raise train_lib.TrainingDiverged("loss is nan at step 8 (epoch 2)")
+
+    monkeypatch.setattr(train_lib, "train_and_evaluate", diverge)
+    assert train.main(["--fold", "0", "--workdir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: loss is nan at step 8 (epoch 2); the last good checkpoint")
+
+
+def _pred(subject_id, label, truth, prob, cls_prob):
+    return {"subject_id": subject_id, "label": label, "mask": truth, "seg_prob": prob,
+            "cls_prob": cls_prob, "image": np.zeros_like(prob)}
+
+
+def test_results_have_spec_fields_and_mean_per_subject_metrics():
+    truth = np.zeros((4, 4, 4), bool)
+    truth[1:3, 1:3, 1:3] = True  # 8 voxels
+    half = np.where(truth, 0.9, 0.1)
+    half[1, 1:3, 1:3] = 0.2  # 4 of 8 found, no false positives: dsc 2*4/(8+4) = 2/3
+    preds = [_pred("a", 1, truth, np.where(truth, 0.9, 0.1), 0.8), _pred("b", 0, truth, half, 0.3)]
+    seg = train_lib.segmentation_result(preds, 0.5)
+    assert [s["subject_id"] for s in seg["per_subject"]] == ["a", "b"]
+    assert seg["dsc"] == pytest.approx((1.0 + 2 / 3) / 2)
+    assert seg["sensitivity"] == pytest.approx(0.75)
+    assert set(seg) == {"dsc", "sensitivity", "specificity", "ppv", "per_subject"}
+    cls = train_lib.classification_result(preds, 0.5)
+    assert set(cls) == {"accuracy", "sensitivity", "specificity", "auc", "threshold", "per_subject"}
+    assert (cls["accuracy"], cls["auc"]) == (1.0, 1.0)
+    assert cls["per_subject"][1] == {"subject_id": "b", "label": 0, "prob": 0.3}
+
+
+def test_selection_score_is_mean_of_dsc_and_auc_falling_back_to_accuracy():
+    assert train_lib.selection_score({"dsc": 0.6}, {"auc": 0.8, "accuracy": 0.5}) == 0.7
+    assert train_lib.selection_score({"dsc": 0.6}, {"auc": None, "accuracy": 0.5}) == 0.55
+    assert train_lib.selection_score(None, {"auc": 0.9, "accuracy": 0.5}) == 0.9
+    assert train_lib.selection_score({"dsc": 0.4}, None) == 0.4
