@@ -4,30 +4,67 @@ All arrays are channels-last: ``x`` is ``(B, D, H, W, Cin)``, kernels are DHWIO
 ``(kd, kh, kw, Cin, Cout)`` exactly as ``flax.linen.Conv`` / ``ConvTranspose`` store them,
 so every implementation reads the same parameters and checkpoints.
 
-``impl``: ``"xla"`` is XLA's native convolution (used on TPU/GPU); ``"auto"`` resolves
-to the fastest measured formulation for the backend (see :func:`resolve_impl`).
+``impl``:
+
+- ``"xla"``: XLA's native 3-D convolution (the TPU/GPU path).
+- ``"cpu"``: the same maths re-expressed for XLA's CPU backend, which runs 3-D convolutions
+  (and above all their weight gradients) an order of magnitude slower than 2-D ones:
+
+  * 3x3x3 'SAME' conv: depth is folded into the batch and the conv becomes 2-D 3x3 convs
+    over ``(B*D, H, W, C)`` planes, with a :func:`jax.custom_vjp` whose backward passes are
+    2-D convs as well (see :func:`_conv3d_cpu`). Small volumes use im2col + one matmul.
+  * 2x2x2 stride-2 down conv: space-to-depth + one matmul.
+  * 2x2x2 stride-2 transposed up conv: one matmul + depth-to-space.
+
+  Forward values and gradients equal the ``"xla"`` path to float32 rounding
+  (``tests/test_conv_ops.py``).
+- ``"auto"``: ``"cpu"`` on the CPU backend, else ``"xla"`` (see :func:`resolve_impl`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 from jax import lax
 
+from mlssp_jax import cpu_env
+
+cpu_env.configure_environment()
+
 _DIMS = ("NDHWC", "DHWIO", "NDHWC")
+_DIMS_2D = ("NHWC", "HWIO", "NHWC")
+# Swapped weight gradient: the output gradient (B*D, H, W, Cout) is the conv input with
+# Cout in the batch position and B*D as the contracted feature; the input planes are the kernel.
+_DIMS_WGRAD = ("CHWN", "IHWO", "NHWC")
+
+# Strategy thresholds in voxels per volume (D*H*W), measured on a 2-core Zen 5 (PERF_NOTES.md).
+_IM2COL_MAX_VOXELS = 4**3
+_AUTODIFF_MAX_VOXELS = 8**3
+_SPLIT_WGRAD_MAX_VOXELS = 16**3
+# Inputs with fewer channels than this put the three depth taps into the input channels.
+_TAPS_IN_INPUT_MAX_CIN = 4
 
 
 def resolve_impl(impl: str) -> str:
-    """Map ``"auto"`` to a concrete implementation for the default backend."""
+    """Map ``"auto"`` to ``"cpu"`` on JAX's CPU backend and ``"xla"`` on accelerators."""
     if impl != "auto":
         return impl
-    return "xla"
+    return "cpu" if jax.default_backend() == "cpu" else "xla"
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
-    """'SAME' stride-1 3-D convolution. x (B, D, H, W, Cin), kernel (k, k, k, Cin, Cout)."""
+    """'SAME' stride-1 3-D convolution. x (B, D, H, W, Cin), kernel (3, 3, 3, Cin, Cout).
+
+    The ``"cpu"`` path covers 3x3x3 kernels (the only size the network uses); other
+    kernel sizes fall back to XLA's native conv.
+    """
     impl = resolve_impl(impl)
-    if impl == "xla":
+    if impl == "xla" or (impl == "cpu" and kernel.shape[:3] != (3, 3, 3)):
         return lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME", dimension_numbers=_DIMS)
+    if impl == "cpu":
+        return _conv3d_cpu_dispatch(x, kernel)
     raise ValueError(f"unknown conv impl {impl!r}")
 
 
@@ -36,6 +73,8 @@ def down_conv(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
     impl = resolve_impl(impl)
     if impl == "xla":
         return lax.conv_general_dilated(x, kernel, (2, 2, 2), "VALID", dimension_numbers=_DIMS)
+    if impl == "cpu":
+        return _down_conv_matmul(x, kernel)
     raise ValueError(f"unknown conv impl {impl!r}")
 
 
@@ -48,7 +87,159 @@ def up_conv(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
     impl = resolve_impl(impl)
     if impl == "xla":
         return lax.conv_transpose(x, kernel, (2, 2, 2), "SAME", dimension_numbers=_DIMS)
+    if impl == "cpu":
+        return _up_conv_matmul(x, kernel)
     raise ValueError(f"unknown conv impl {impl!r}")
+
+
+# ---------------------------------------------------------------- 2x2x2 stride-2 (matmuls)
+
+
+def _down_conv_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Space-to-depth + one matmul. x (B, D, H, W, Ci), kernel (2, 2, 2, Ci, Co).
+
+    Odd trailing voxels are dropped, as a 'VALID' stride-2 conv does.
+    """
+    b, d, h, w, ci = x.shape
+    co = kernel.shape[-1]
+    d2, h2, w2 = d // 2, h // 2, w // 2
+    x = x[:, : 2 * d2, : 2 * h2, : 2 * w2]
+    x = x.reshape(b, d2, 2, h2, 2, w2, 2, ci)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # (B, D/2, H/2, W/2, 2, 2, 2, Ci)
+    y = x.reshape(-1, 8 * ci) @ kernel.reshape(8 * ci, co)
+    return y.reshape(b, d2, h2, w2, co)
+
+
+def _up_conv_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """One matmul + depth-to-space. x (B, D, H, W, Ci), kernel (2, 2, 2, Ci, Co).
+
+    flax's ConvTranspose (transpose_kernel=False, 'SAME') maps out[2i+a] = x[i] @ kernel[1-a],
+    hence the kernel flip.
+    """
+    b, d, h, w, ci = x.shape
+    co = kernel.shape[-1]
+    k = kernel[::-1, ::-1, ::-1].transpose(3, 0, 1, 2, 4)  # (Ci, 2, 2, 2, Co)
+    y = x.reshape(-1, ci) @ k.reshape(ci, 8 * co)  # (B*D*H*W, 8*Co)
+    y = y.reshape(b, d, h, w, 2, 2, 2, co).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return y.reshape(b, 2 * d, 2 * h, 2 * w, co)
+
+
+# ---------------------------------------------------------------- 3x3x3 'SAME' (2-D convs)
+
+
+def _conv3d_cpu_dispatch(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Pick the fastest measured formulation for this volume size (voxels per volume)."""
+    voxels = x.shape[1] * x.shape[2] * x.shape[3]
+    if voxels <= _IM2COL_MAX_VOXELS:
+        return _conv3d_im2col(x, kernel)
+    if voxels <= _AUTODIFF_MAX_VOXELS:
+        return _conv3d_depth_split(x, kernel)
+    split_wgrad = voxels <= _SPLIT_WGRAD_MAX_VOXELS
+    return _conv3d_cpu(x, kernel, split_wgrad)
+
+
+def _conv3d_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """27 shifted copies concatenated into channels, then one matmul (small volumes only).
+
+    x (B, D, H, W, Ci), kernel (3, 3, 3, Ci, Co) -> (B, D, H, W, Co).
+    """
+    b, d, h, w, ci = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
+    patches = [xp[:, i : i + d, j : j + h, k : k + w]
+               for i in range(3) for j in range(3) for k in range(3)]
+    patches = jnp.concatenate(patches, axis=-1)  # (B, D, H, W, 27*Ci)
+    return patches @ kernel.reshape(27 * ci, -1)
+
+
+def _conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """'SAME' 2-D conv. x (N, H, W, Ci), kernel (3, 3, Ci, Co) -> (N, H, W, Co)."""
+    return lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS_2D)
+
+
+def _depth_taps(x: jax.Array) -> list[jax.Array]:
+    """The three depth-shifted copies x[d-1], x[d], x[d+1] (zero outside). Each (B, D, H, W, C)."""
+    d = x.shape[1]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
+    return [xp[:, t : t + d] for t in range(3)]
+
+
+def _conv3d_depth_split(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """3x3x3 'SAME' conv as 2-D convs over depth planes (differentiable by autodiff).
+
+    x (B, D, H, W, Ci), kernel (3, 3, 3, Ci, Co) -> (B, D, H, W, Co).
+    Few input channels: the depth taps are concatenated into the input channels, one
+    conv 3*Ci -> Co. Otherwise: one conv Ci -> 3*Co whose output channels stack the
+    depth taps, then a shift-and-add along depth.
+    """
+    b, d, h, w, ci = x.shape
+    co = kernel.shape[-1]
+    if ci < _TAPS_IN_INPUT_MAX_CIN:
+        taps = jnp.concatenate(_depth_taps(x), axis=-1)  # (B, D, H, W, 3*Ci)
+        k = kernel.transpose(1, 2, 0, 3, 4).reshape(3, 3, 3 * ci, co)
+        return _conv2d(taps.reshape(b * d, h, w, 3 * ci), k).reshape(b, d, h, w, co)
+    k = kernel.transpose(1, 2, 3, 0, 4).reshape(3, 3, ci, 3 * co)
+    y = _conv2d(x.reshape(b * d, h, w, ci), k).reshape(b, d, h, w, 3, co)
+    return _shift_add(y)
+
+
+def _shift_add(y: jax.Array) -> jax.Array:
+    """out[d] = y[d-1, tap 0] + y[d, tap 1] + y[d+1, tap 2].
+
+    y (B, D, H, W, 3, Co) -> (B, D, H, W, Co).
+    """
+    zero = jnp.zeros_like(y[:, :1, ..., 0, :])
+    below = jnp.concatenate([zero, y[:, :-1, ..., 0, :]], axis=1)
+    above = jnp.concatenate([y[:, 1:, ..., 2, :], zero], axis=1)
+    return below + y[..., 1, :] + above
+
+
+def _weight_grad(x: jax.Array, g: jax.Array, split: bool) -> jax.Array:
+    """Kernel gradient of the 3x3x3 'SAME' conv, "swapped" form.
+
+    x (B, D, H, W, Ci), g = dL/d out (B, D, H, W, Co) -> (3, 3, 3, Ci, Co).
+    The output gradient is the conv input (Co as batch, the B*D planes as the contracted
+    features, padded by 1 in H and W); each depth-shifted input copy is the H x W kernel.
+    With ``split`` the three depth taps are three convs, else one conv over the
+    concatenated copies.
+    """
+    b, d, h, w, ci = x.shape
+    co = g.shape[-1]
+    g2 = g.reshape(b * d, h, w, co)
+    taps = [t.reshape(b * d, h, w, ci) for t in _depth_taps(x)]
+    conv = functools.partial(lax.conv_general_dilated, window_strides=(1, 1),
+                             padding=((1, 1), (1, 1)), dimension_numbers=_DIMS_WGRAD)
+    if split:
+        out = jnp.stack([conv(g2, t) for t in taps], axis=3)  # (Co, 3, 3, 3, Ci)
+    else:
+        out = conv(g2, jnp.concatenate(taps, axis=-1)).reshape(co, 3, 3, 3, ci)
+    # out[o, 2-kh, 2-kw, t, i] = dk[t, kh, kw, i, o]
+    return out[:, ::-1, ::-1].transpose(3, 1, 2, 4, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3d_cpu(x: jax.Array, kernel: jax.Array, split_wgrad: bool) -> jax.Array:
+    """3x3x3 'SAME' conv from 2-D convs, forward and backward.
+
+    x (B, D, H, W, Ci), kernel (3, 3, 3, Ci, Co) -> (B, D, H, W, Co).
+    Forward: :func:`_conv3d_depth_split`. Input gradient: the same op on the output
+    gradient with the flipped, in/out-swapped kernel. Kernel gradient: :func:`_weight_grad`.
+    """
+    return _conv3d_depth_split(x, kernel)
+
+
+def _conv3d_cpu_fwd(x, kernel, split_wgrad):
+    return _conv3d_depth_split(x, kernel), (x, kernel)
+
+
+def _conv3d_cpu_bwd(split_wgrad, residuals, g):
+    x, kernel = residuals
+    flipped = kernel[::-1, ::-1, ::-1].transpose(0, 1, 2, 4, 3)  # (3, 3, 3, Co, Ci)
+    dx = _conv3d_depth_split(g, flipped).astype(x.dtype)
+    dk = _weight_grad(x, g, split_wgrad).astype(kernel.dtype)
+    return dx, dk
+
+
+_conv3d_cpu.defvjp(_conv3d_cpu_fwd, _conv3d_cpu_bwd)
 
 
 __all__ = ["conv3d", "down_conv", "up_conv", "resolve_impl"]
