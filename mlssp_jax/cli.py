@@ -25,7 +25,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Log to stderr with a short time-stamped format (INFO, or DEBUG if verbose)."""
+    """Log to stderr with a short time-stamped format (INFO, or DEBUG if verbose).
+
+    The ``absl`` logger (orbax logs every checkpoint save and restore through it at INFO)
+    is kept at WARNING unless verbose.
+    """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -33,6 +37,7 @@ def setup_logging(verbose: bool = False) -> None:
         stream=sys.stderr,
         force=True,  # orbax and grain install a WARNING root handler at import
     )
+    logging.getLogger("absl").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def run_command(main: Callable[[Sequence[str] | None], int | None],

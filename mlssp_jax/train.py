@@ -79,8 +79,6 @@ def folds_to_run(fold: str, num_folds: int) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
-    if not args.verbose:  # orbax logs every save and restore at INFO through absl
-        logging.getLogger("absl").setLevel(logging.WARNING)
     config = resolve_config(args)
     folds = folds_to_run(args.fold, config.train.num_folds)
     workdir = args.workdir or Path("runs") / f"{config.model.name}_alpha{config.train.alpha}"

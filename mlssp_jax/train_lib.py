@@ -296,7 +296,9 @@ def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[
     manifest_path = manifest.resolve_data(config.data)
     subjects = manifest.read_manifest(manifest_path, require_masks=True)
     manifest.check_folds(subjects, config.train.num_folds, where=str(manifest_path))
-    paths = preprocess.cached_cohort(manifest_path, config.data, config.train.workers or None)
+    # train.workers = 0 preprocesses in this process, as the loader does (cached_cohort would
+    # read 0 as one process per CPU)
+    paths = preprocess.cached_cohort(manifest_path, config.data, max(config.train.workers, 1))
     ids = [s.subject_id for s in subjects]
     labels = [s.label for s in subjects]
     t = config.train
@@ -398,11 +400,11 @@ def save_predictions(out_dir: Path, preds: list[dict], threshold: float) -> None
             np.savez_compressed(tmp, **arrays)
 
 
-def evaluate_fold(config: config_lib.Config, params: Any, examples: list[dict], fold: int,
-                  fold_dir: Path, mesh: Mesh) -> dict:
-    """Predict the held-out VOIs; write ``eval.json`` (SPEC.md) and ``predictions/``."""
-    preds = predict_examples(make_predict_fn(config, mesh), params, examples,
-                             config.train.batch_size, mesh)
+def evaluate_fold(config: config_lib.Config, predict_fn: PredictFn, params: Any,
+                  examples: list[dict], fold: int, fold_dir: Path, mesh: Mesh) -> dict:
+    """Predict the held-out VOIs with ``predict_fn`` (the one compiled for validation, from
+    :func:`make_predict_fn`); write ``eval.json`` (SPEC.md) and ``predictions/``."""
+    preds = predict_examples(predict_fn, params, examples, config.train.batch_size, mesh)
     threshold = config.train.threshold
     result = {"fold": fold, "alpha": config.train.alpha, "model": config.model.name,
               "segmentation": segmentation_result(preds, threshold),
@@ -458,6 +460,6 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
         manager.close()
     log.info("fold %d: evaluating the best checkpoint (epoch %d) on %d held-out subjects",
              fold, best, len(data["test"]))
-    result = evaluate_fold(config, params, data["test"], fold, fold_dir, mesh)
+    result = evaluate_fold(config, predict_fn, params, data["test"], fold, fold_dir, mesh)
     log.info("fold %d: %s", fold, _summary(result))
     return result

@@ -7,84 +7,10 @@ import logging
 
 import numpy as np
 import pytest
+from helpers import FOLDS, SUBJECTS, write_fake_run
 from sklearn.metrics import roc_auc_score
 
-from mlssp_jax import config, evaluate, models
-
-SUBJECTS = 20
-FOLDS = 4
-VOI = 16
-
-
-def _per_subject_seg(rng, subject_id, skill):
-    dsc = float(np.clip(rng.normal(skill, 0.1), 0, 1))
-    return {"subject_id": subject_id, "dsc": dsc, "sensitivity": float(np.clip(dsc + 0.05, 0, 1)),
-            "specificity": float(1 - rng.uniform(0, 0.02)),
-            "ppv": None if dsc < 0.05 else float(np.clip(dsc - 0.05, 0, 1))}
-
-
-def _prediction(rng, skill):
-    """A VOI with a ball lesion and a prediction shifted by (1 - skill) * 4 voxels."""
-    grid = np.indices((VOI,) * 3) - VOI // 2
-    truth = (grid**2).sum(axis=0) <= 16
-    shift = int(round((1 - skill) * 4))
-    pred = np.roll(truth, shift, axis=0)
-    image = np.clip(0.35 + 0.35 * truth + rng.normal(0, 0.03, truth.shape), 0, 1)
-    return {"image": image.astype(np.float32), "mask": truth.astype(np.uint8),
-            "pred": pred.astype(np.uint8), "prob": pred.astype(np.float32)}
-
-
-def write_fake_run(workdir, model="mlssp", alpha=0.4, skill=0.8, seed=0, epochs=3):
-    """A finished run per SPEC: config.toml, fold_K/{eval.json,metrics.jsonl,predictions/}.
-
-    ``skill`` in (0, 1) raises DSCs and separates the AVM probabilities; returns the labels and
-    probabilities written, by subject id.
-    """
-    cfg = config.apply_overrides(config.Config(), [
-        f'model.name="{model}"', f"train.alpha={alpha}", f"train.num_folds={FOLDS}"])
-    rng = np.random.default_rng(seed)
-    truth = {}
-    for fold in range(FOLDS):
-        truth.update(write_fake_fold(workdir, cfg, fold, skill, rng, epochs))
-    return truth
-
-
-def write_fake_fold(workdir, cfg, fold, skill, rng, epochs=3):
-    """What training fold ``fold`` leaves (and config.toml); returns {id: (label, prob)}."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.toml").write_text(config.to_toml(cfg))
-    ids = [f"sub{n:03d}" for n in range(fold, SUBJECTS, cfg.train.num_folds)]
-    labels = [n % 2 for n in range(fold, SUBJECTS, cfg.train.num_folds)]
-    probs = [float(np.clip(0.5 + (2 * lab - 1) * skill * 0.4 + rng.normal(0, 0.25), 0, 1))
-             for lab in labels]
-    _write_fold(workdir / f"fold_{fold}", rng, fold, cfg, ids, labels, probs, skill, epochs)
-    return {s: (lab, p) for s, lab, p in zip(ids, labels, probs, strict=True)}
-
-
-def _write_fold(fold_dir, rng, fold, cfg, ids, labels, probs, skill, epochs):
-    has_seg, has_cls = models.has_tasks(cfg.model.name)
-    (fold_dir / "predictions").mkdir(parents=True, exist_ok=True)
-    seg = None
-    if has_seg:
-        rows = [_per_subject_seg(rng, s, skill) for s in ids]
-        seg = {k: float(np.mean([r[k] for r in rows]))
-               for k in ("dsc", "sensitivity", "specificity")}
-        seg.update(ppv=0.0, per_subject=rows)
-        for s in ids:
-            np.savez(fold_dir / "predictions" / f"{s}.npz", **_prediction(rng, skill))
-    cls = None
-    if has_cls:
-        cls = {"accuracy": 0.0, "sensitivity": 0.0, "specificity": 0.0, "auc": 0.0,
-               "threshold": 0.5, "per_subject": [{"subject_id": s, "label": lab, "prob": p}
-                                                 for s, lab, p in zip(ids, labels, probs,
-                                                                      strict=True)]}
-    record = {"fold": fold, "alpha": cfg.train.alpha, "model": cfg.model.name,
-              "segmentation": seg, "classification": cls}
-    (fold_dir / "eval.json").write_text(json.dumps(record))
-    lines = [json.dumps({"epoch": e, "step": 5 * e, "lr": 1e-5, "train_loss": 1.0 / e,
-                         "val_score": skill * (1 - 0.5 / e), "seconds": 1.0})
-             for e in range(1, epochs + 1)]
-    (fold_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+from mlssp_jax import evaluate
 
 
 def test_pools_segmentation_over_all_subjects(tmp_path):

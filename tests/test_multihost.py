@@ -8,9 +8,7 @@ import socket
 import subprocess
 
 import pytest
-from test_train import ROOT, read_jsonl, reference_run, tiny_config, train_command, train_env
-
-__all__ = ["reference_run", "tiny_config"]  # fixtures shared with test_train
+from helpers import ROOT, read_jsonl, train_command, train_env
 
 
 def free_port() -> int:
@@ -19,11 +17,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_two_devices_each_match_one_process(reference_run, tiny_config,
-                                                          tiny_cohort, tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    workdir, port = base / "multihost_run", free_port()
-    env = train_env(base, devices=2)
+def test_two_processes_two_devices_each_match_one_process(tiny_run, tiny_config, tiny_cohort,
+                                                          tmp_path):
+    workdir, port = tmp_path / "multihost_run", free_port()
+    env = train_env(devices=2)
     procs = [subprocess.Popen(
         train_command(tiny_config, tiny_cohort, workdir, "--epochs", "1",
                       "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
@@ -39,7 +36,7 @@ def test_two_processes_two_devices_each_match_one_process(reference_run, tiny_co
         assert p.returncode == 0, err[-3000:]
     [multi] = read_jsonl(workdir / "fold_0" / "metrics.jsonl")
     assert (multi["processes"], multi["devices"]) == (2, 4)
-    single = read_jsonl(reference_run / "fold_0" / "metrics.jsonl")[0]
+    single = read_jsonl(tiny_run / "fold_0" / "metrics.jsonl")[0]
     for key in ("step", "lr", "train_loss", "dice", "bce", "val_dsc", "val_score"):
         assert multi[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
     result = json.loads((workdir / "fold_0" / "eval.json").read_text())

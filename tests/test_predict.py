@@ -2,7 +2,7 @@
 
 The geometry (resampling back, volume, LPS vs RAS, the classification VOI) is tested exactly
 with a toy model that segments a phantom's hematoma by its density; the command runs end to
-end on the checkpoints of a tiny real training run on the synthetic cohort.
+end on the checkpoints of the session's tiny training run (conftest.py ``tiny_run``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_fake_run
 from scipy import ndimage
 
-from mlssp_jax import config, manifest, nifti, predict, preprocess, train_lib
+from mlssp_jax import config, manifest, nifti, predict
 from mlssp_jax.cli import run_command
 from mlssp_jax.errors import InputError
 
@@ -126,8 +127,6 @@ def test_bad_inputs_are_errors(tmp_path, capsys):
 
 
 def test_a_run_without_segmentation_or_finished_folds_is_refused(tmp_path):
-    from test_evaluate import write_fake_run
-
     write_fake_run(tmp_path / "cnn", model="cnn")
     with pytest.raises(InputError, match="no segmentation branch"):
         predict.load_ensemble(tmp_path / "cnn")
@@ -138,23 +137,9 @@ def test_a_run_without_segmentation_or_finished_folds_is_refused(tmp_path):
         predict.load_ensemble(tmp_path / "mlssp")
 
 
-@pytest.fixture(scope="module")
-def trained_run(tiny_cohort, tmp_path_factory):
-    """A tiny MLSSP run (16^3 VOIs, width 4, 1 epoch) with fold 0 trained and evaluated."""
-    cache = tmp_path_factory.mktemp("cache")
-    cfg = config.apply_overrides(config.Config(), [
-        f'data.manifest="{tiny_cohort}"', f'data.cache_dir="{cache}"', "data.voi_size=16",
-        "model.width=4", "model.dense_units=8", "train.epochs=1", "train.batch_size=2",
-        "train.workers=0", "train.learning_rate=0.001"])
-    preprocess.cached_cohort(tiny_cohort, cfg.data, workers=1)  # in this process: no spawning
-    workdir = tmp_path_factory.mktemp("run")
-    train_lib.train_and_evaluate(cfg, workdir, fold=0, resume=False)
-    return workdir
-
-
-def test_command_writes_mask_and_json_on_the_inputs_grid(trained_run, tiny_cohort, tmp_path):
+def test_command_writes_mask_and_json_on_the_inputs_grid(tiny_run, tiny_cohort, tmp_path):
     scans = [s.image for s in manifest.read_manifest(tiny_cohort)[:2]]
-    argv = ["--workdir", str(trained_run), "--image", *map(str, scans), "--out",
+    argv = ["--workdir", str(tiny_run), "--image", *map(str, scans), "--out",
             str(tmp_path / "out"), "--batch-size", "16", "--overlap", "0"]
     assert run_command(predict.main, argv) == 0
     for scan in scans:
@@ -170,9 +155,9 @@ def test_command_writes_mask_and_json_on_the_inputs_grid(trained_run, tiny_cohor
         assert record["label"] == int(record["avm_probability"] >= record["threshold"])
 
 
-def test_command_refuses_an_unfinished_fold(trained_run, tiny_cohort, tmp_path, capsys):
+def test_command_refuses_an_unfinished_fold(tiny_run, tiny_cohort, tmp_path, capsys):
     scan = manifest.read_manifest(tiny_cohort)[0].image
-    argv = ["--workdir", str(trained_run), "--image", str(scan), "--fold", "3",
+    argv = ["--workdir", str(tiny_run), "--image", str(scan), "--fold", "3",
             "--out", str(tmp_path / "o")]
     assert run_command(predict.main, argv) == 2
     assert "--fold 3" in capsys.readouterr().err and not (tmp_path / "o").exists()

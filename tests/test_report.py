@@ -7,8 +7,8 @@ import re
 
 import numpy as np
 import pytest
+from helpers import write_fake_run
 from matplotlib import image as mpimg
-from test_evaluate import write_fake_run
 
 from mlssp_jax import evaluate, metrics, report
 from mlssp_jax.cli import run_command
@@ -114,7 +114,7 @@ def test_missing_run_dir_is_an_error(tmp_path, capsys):
 
 def test_experiment_sweeps_alphas_then_baselines_and_resumes(tmp_path, monkeypatch):
     """The whole experiment with the trainer replaced by one writing fake folds."""
-    from test_evaluate import write_fake_fold
+    from helpers import write_fake_fold
 
     from mlssp_jax import experiment
 

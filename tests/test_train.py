@@ -1,88 +1,30 @@
 """``python -m mlssp_jax.train`` end to end on the tiny cohort: outputs, lr decay, resume, errors.
 
-Runs are subprocesses sharing a persistent XLA compilation cache, so only the first one
-compiles. The tiny config: VOI 16^3, width 4, global batch 4, lr 1e-3, and XLA's own
-convolutions (they compile ~3x faster than the CPU fast path, which tests/test_conv_ops.py
-checks against them).
+The runs share the session's tiny run (conftest.py ``tiny_run``: the tiny config of helpers.py,
+2 epochs of fold 0, a subprocess) and the session's persistent XLA compilation cache, so only
+the first one compiles.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT, read_jsonl, run_train, train_command, train_env
 
 from mlssp_jax import checkpointing, cli, train
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY_CONFIG = """
-[data]
-voi_size = 16
-[model]
-width = 4
-dense_units = 8
-conv_impl = "xla"
-[train]
-alpha = 0.4
-learning_rate = 1e-3
-batch_size = 4
-epochs = 2
-workers = 0
-"""
 SEG_KEYS = {"dsc", "sensitivity", "specificity", "ppv"}
 
 
-def train_env(base_tmp: Path, devices: int = 1) -> dict[str, str]:
-    """Environment of a training subprocess: CPU, shared compile and preprocessing caches."""
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": str(base_tmp / "jax_cache"),
-            "MLSSP_JAX_CACHE": str(base_tmp / "mlssp_cache"),
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-
-
-def train_command(config: Path, manifest: Path, workdir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mlssp_jax.train", "--config", str(config), "--data",
-            str(manifest), "--workdir", str(workdir), "--fold", "0", *extra]
-
-
-def run_train(env: dict, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-    done = subprocess.run(list(args), env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == expect, done.stderr[-3000:]
-    return done
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="session")
-def tiny_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.getbasetemp() / "tiny_train.toml"
-    path.write_text(TINY_CONFIG)
-    return path
-
-
-@pytest.fixture(scope="session")
-def reference_run(tiny_config, tiny_cohort, tmp_path_factory) -> Path:
-    """One uninterrupted 2-epoch run of fold 0, shared by this module and test_multihost
-    (which imports this fixture: a second instance finds the finished run and reuses it)."""
-    base = tmp_path_factory.getbasetemp()
-    workdir = base / "reference_run"
-    if not (workdir / "fold_0" / "eval.json").is_file():
-        run_train(train_env(base), *train_command(tiny_config, tiny_cohort, workdir))
-    return workdir
-
-
-def test_trains_one_fold_and_writes_every_output(reference_run):
-    fold = reference_run / "fold_0"
+def test_trains_one_fold_and_writes_every_output(tiny_run):
+    fold = tiny_run / "fold_0"
     records = read_jsonl(fold / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
@@ -97,7 +39,7 @@ def test_trains_one_fold_and_writes_every_output(reference_run):
     seg, cls = result["segmentation"], result["classification"]
     assert SEG_KEYS | {"per_subject"} == set(seg)
     assert {"accuracy", "sensitivity", "specificity", "auc", "threshold", "per_subject"} == set(cls)
-    test_ids = json.loads((reference_run / "splits.json").read_text())["folds"][0]["test"]
+    test_ids = json.loads((tiny_run / "splits.json").read_text())["folds"][0]["test"]
     assert [s["subject_id"] for s in seg["per_subject"]] == test_ids
     assert all(set(s) == SEG_KEYS | {"subject_id"} for s in seg["per_subject"])
     assert [s["subject_id"] for s in cls["per_subject"]] == test_ids
@@ -107,21 +49,19 @@ def test_trains_one_fold_and_writes_every_output(reference_run):
         with np.load(fold / "predictions" / f"{subject_id}.npz") as npz:
             assert npz["pred"].shape == npz["mask"].shape == npz["image"].shape == (16, 16, 16)
             assert (npz["pred"].dtype, npz["prob"].dtype) == (np.uint8, np.float16)
-    assert "voi_size = 16" in (reference_run / "config.toml").read_text()
+    assert "voi_size = 16" in (tiny_run / "config.toml").read_text()
 
 
-def test_best_params_restore_for_inference(reference_run):
-    params, config = checkpointing.restore_best_params(reference_run, 0)
+def test_best_params_restore_for_inference(tiny_run):
+    params, config = checkpointing.restore_best_params(tiny_run, 0)
     assert config.model.width == 4
     kernel = params["stem"]["conv0"]["kernel"]
     assert kernel.shape == (3, 3, 3, 1, 4) and np.all(np.isfinite(np.asarray(kernel)))
 
 
-def test_killed_run_resumes_to_the_same_losses(reference_run, tiny_config, tiny_cohort,
-                                              tmp_path_factory):
-    """SIGKILL a 3-epoch run once checkpoint 1 exists, --resume: epochs 1-2 match the reference."""
-    base = tmp_path_factory.getbasetemp()
-    workdir, env = base / "killed_run", train_env(base)
+def test_killed_run_resumes_to_the_same_losses(tiny_run, tiny_config, tiny_cohort, tmp_path):
+    """SIGKILL a 3-epoch run once checkpoint 1 exists, --resume: epochs 1-2 match the tiny run."""
+    workdir, env = tmp_path / "killed_run", train_env()
     command = train_command(tiny_config, tiny_cohort, workdir, "--epochs", "3")
     proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -137,7 +77,7 @@ def test_killed_run_resumes_to_the_same_losses(reference_run, tiny_config, tiny_
 
     run_train(env, *command, "--resume")
     resumed = read_jsonl(workdir / "fold_0" / "metrics.jsonl")
-    reference = read_jsonl(reference_run / "fold_0" / "metrics.jsonl")
+    reference = read_jsonl(tiny_run / "fold_0" / "metrics.jsonl")
     assert [r["epoch"] for r in resumed] == [1, 2, 3]
     for a, b in zip(resumed[:2], reference, strict=True):
         for key in ("step", "lr", "train_loss", "dice", "bce", "val_dsc", "val_score"):
@@ -145,12 +85,14 @@ def test_killed_run_resumes_to_the_same_losses(reference_run, tiny_config, tiny_
     assert (workdir / "fold_0" / "eval.json").is_file()
 
 
-def test_existing_checkpoints_without_resume_is_an_error(reference_run, tiny_config, tiny_cohort,
-                                                         tmp_path_factory):
-    env = train_env(tmp_path_factory.getbasetemp())
-    done = run_train(env, *train_command(tiny_config, tiny_cohort, reference_run), expect=2)
-    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "--resume" in done.stderr
+def test_existing_checkpoints_without_resume_is_an_error(tiny_run, tiny_config, tiny_cohort,
+                                                         capsys):
+    before = sorted(p.name for p in (tiny_run / "fold_0" / "checkpoints").iterdir())
+    argv = train_command(tiny_config, tiny_cohort, tiny_run)[3:]  # after python -m mlssp_jax.train
+    assert cli.run_command(train.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "--resume" in err[-1]
+    assert sorted(p.name for p in (tiny_run / "fold_0" / "checkpoints").iterdir()) == before
 
 
 @pytest.mark.parametrize("args, message", [
@@ -166,16 +108,27 @@ def test_bad_options_exit_2_with_one_error_line(args, message, tmp_path, capsys)
     assert not (tmp_path / "w").exists()
 
 
-def test_quick_config_learns_one_fold(tmp_path_factory):
+def test_absl_logs_only_warnings_unless_verbose():
+    """Orbax logs every checkpoint save and restore at INFO through absl: quiet by default."""
+    absl = logging.getLogger("absl")
+    try:
+        cli.setup_logging()
+        assert not absl.isEnabledFor(logging.INFO) and absl.isEnabledFor(logging.WARNING)
+        cli.setup_logging(verbose=True)
+        assert absl.isEnabledFor(logging.DEBUG)
+    finally:
+        absl.setLevel(logging.NOTSET)
+
+
+def test_quick_config_learns_one_fold(tmp_path):
     """README's main job (configs/quick.toml, fold 2): held-out DSC and AUC well above chance.
 
-    The slowest test (~3-4 min on a shared 2-core CPU): it generates and preprocesses the
+    The slowest test (~3 min on a busy 2-core CPU): it generates and preprocesses the
     40-subject cohort, compiles the 32^3 model and trains 12 epochs. Floors are conservative
     (seen: DSC 0.77, AUC 0.75 on the 8 held-out subjects).
     """
-    base = tmp_path_factory.getbasetemp()
-    workdir = base / "quick_run"
-    run_train(train_env(base), sys.executable, "-m", "mlssp_jax.train", "--config",
+    workdir = tmp_path / "quick_run"
+    run_train(train_env(), sys.executable, "-m", "mlssp_jax.train", "--config",
               str(ROOT / "configs" / "quick.toml"), "--fold", "2", "--alpha", "0.4",
               "--workdir", str(workdir))
     result = json.loads((workdir / "fold_2" / "eval.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 from flax import struct
 
 from mlssp_jax import config as config_lib
-from mlssp_jax import input_pipeline, parallel, train, train_lib
+from mlssp_jax import input_pipeline, parallel, preprocess, train, train_lib
 
 
 def test_learning_rate_decays_five_percent_per_epoch_not_per_step():
@@ -52,6 +52,28 @@ def test_train_command_reports_divergence_as_one_error_line(monkeypatch, capsys,
     assert train.main(["--fold", "0", "--workdir", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: loss is nan at step 8 (epoch 2); the last good checkpoint")
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("workers, processes", [(0, 1), (1, 1), (3, 3)])
+def test_preprocessing_runs_train_workers_processes_and_0_in_this_one(
+        workers, processes, tiny_cohort, tmp_path, monkeypatch):
+    """train.workers = 0 preprocesses in this process (1 worker), not one per CPU."""
+    seen = []
+
+    def cached_cohort(manifest_path, data_cfg, workers=None):
+        seen.append(workers)
+        raise Stop
+
+    monkeypatch.setattr(preprocess, "cached_cohort", cached_cohort)
+    config = config_lib.apply_overrides(config_lib.Config(), [
+        f'data.manifest="{tiny_cohort}"', f"train.workers={workers}"])
+    with pytest.raises(Stop):
+        train_lib.load_fold_data(config, tmp_path, fold=0)
+    assert seen == [processes]
 
 
 def _pred(subject_id, label, truth, prob, cls_prob):
