@@ -18,7 +18,16 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from mlssp_jax import checkpointing, cli, inference, models, nifti, preprocess, train_lib
+from mlssp_jax import (
+    checkpointing,
+    cli,
+    cpu_env,
+    inference,
+    models,
+    nifti,
+    preprocess,
+    train_lib,
+)
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
 from mlssp_jax.fileio import write_json
@@ -182,4 +191,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    cpu_env.maybe_reexec()  # glibc malloc tunables, read only at process start
     raise SystemExit(cli.run_command(main))

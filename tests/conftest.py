@@ -19,7 +19,11 @@ def session_caches(tmp_path_factory):
     import jax
 
     base = tmp_path_factory.getbasetemp()
+    from mlssp_jax import cpu_env
+
     env = {"MLSSP_JAX_CACHE": str(base / "mlssp_cache"),
+           # set for subprocesses up front, so commands do not re-exec themselves to get it
+           "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", cpu_env.GLIBC_TUNABLES),
            "JAX_COMPILATION_CACHE_DIR": str(base / "jax_cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     os.environ.update(env)

@@ -1,5 +1,7 @@
 """CLI plumbing: bad input is one 'error:' line and exit code 2."""
 
+import logging
+
 import pytest
 
 from mlssp_jax import cli
@@ -27,3 +29,15 @@ def test_bad_option_is_one_error_line(capsys):
 def test_success_returns_main_code():
     assert cli.run_command(lambda argv: None, []) == 0
     assert cli.run_command(lambda argv: 3, []) == 3
+
+
+def test_absl_logs_only_warnings_unless_verbose():
+    """Orbax logs every checkpoint save and restore at INFO through absl: quiet by default."""
+    absl = logging.getLogger("absl")
+    try:
+        cli.setup_logging()
+        assert not absl.isEnabledFor(logging.INFO) and absl.isEnabledFor(logging.WARNING)
+        cli.setup_logging(verbose=True)
+        assert absl.isEnabledFor(logging.DEBUG)
+    finally:
+        absl.setLevel(logging.NOTSET)

@@ -8,7 +8,6 @@ the first one compiles.
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import subprocess
 import sys
@@ -106,18 +105,6 @@ def test_bad_options_exit_2_with_one_error_line(args, message, tmp_path, capsys)
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not (tmp_path / "w").exists()
-
-
-def test_absl_logs_only_warnings_unless_verbose():
-    """Orbax logs every checkpoint save and restore at INFO through absl: quiet by default."""
-    absl = logging.getLogger("absl")
-    try:
-        cli.setup_logging()
-        assert not absl.isEnabledFor(logging.INFO) and absl.isEnabledFor(logging.WARNING)
-        cli.setup_logging(verbose=True)
-        assert absl.isEnabledFor(logging.DEBUG)
-    finally:
-        absl.setLevel(logging.NOTSET)
 
 
 def test_quick_config_learns_one_fold(tmp_path):
