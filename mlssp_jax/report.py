@@ -304,7 +304,8 @@ def figure_training_curves(runs: Sequence[Run], path: Path) -> bool:
         ax.legend(fontsize=6, loc="upper center")
     for ax in axes[len(logs):]:
         ax.set_visible(False)
-    fig.suptitle("Training curves (solid: train loss; dashed: inner-validation score)")
+    fig.suptitle("Training curves\n(solid: train loss; dashed: inner-validation score)",
+                 fontsize=9)
     _save(fig, path)
     return True
 
@@ -353,8 +354,8 @@ def figure_overlays(by_model: dict[str, Run], path: Path, count: int = OVERLAY_S
             ax.set_xticks([])
             ax.set_yticks([])
         row[0].set_ylabel(f"{subject}\naxial slice {k}", fontsize=8)
-    fig.suptitle("Axial slice through the lesion: mask filled, ground truth outlined "
-                 "(neurological convention)", fontsize=10)
+    fig.suptitle("Axial slice through the lesion:\nmask filled, ground truth outlined "
+                 "(neurological convention)", fontsize=9)
     _save(fig, path)
     return True
 
