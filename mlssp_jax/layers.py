@@ -12,7 +12,8 @@ All arrays are channels-last: ``x`` is ``(B, D, H, W, Cin)``.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -32,49 +33,45 @@ def _params(module: nn.Module, x: jax.Array, window: tuple[int, int, int]):
     return nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
 
 
-class Conv3x3x3(nn.Module):
+class _WindowConv(nn.Module):
+    """A convolution over a ``window`` computed by the ``conv_ops`` function ``op``."""
+
+    features: int
+    conv_impl: str = "auto"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    window: ClassVar[tuple[int, int, int]]
+    op: ClassVar[Callable[[jax.Array, jax.Array, str], jax.Array]]
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias = _params(self, x, self.window)
+        return self.op(x, kernel, self.conv_impl) + bias
+
+
+class Conv3x3x3(_WindowConv):
     """'SAME' stride-1 3x3x3 convolution: (B, D, H, W, Cin) -> (B, D, H, W, features)."""
 
-    features: int
-    conv_impl: str = "auto"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x, kernel, bias = _params(self, x, (3, 3, 3))
-        return conv_ops.conv3d(x, kernel, self.conv_impl) + bias
+    window = (3, 3, 3)
+    op = staticmethod(conv_ops.conv3d)
 
 
-class DownConv(nn.Module):
+class DownConv(_WindowConv):
     """2x2x2 stride-2 convolution: (B, D, H, W, Cin) -> (B, D/2, H/2, W/2, features)."""
 
-    features: int
-    conv_impl: str = "auto"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x, kernel, bias = _params(self, x, (2, 2, 2))
-        return conv_ops.down_conv(x, kernel, self.conv_impl) + bias
+    window = (2, 2, 2)
+    op = staticmethod(conv_ops.down_conv)
 
 
-class UpConv(nn.Module):
+class UpConv(_WindowConv):
     """2x2x2 stride-2 transposed convolution with ``flax.linen.ConvTranspose`` semantics.
 
     (B, D, H, W, Cin) -> (B, 2D, 2H, 2W, features).
     """
 
-    features: int
-    conv_impl: str = "auto"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x, kernel, bias = _params(self, x, (2, 2, 2))
-        return conv_ops.up_conv(x, kernel, self.conv_impl) + bias
+    window = (2, 2, 2)
+    op = staticmethod(conv_ops.up_conv)
 
 
 class PointConv(nn.Module):
