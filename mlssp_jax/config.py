@@ -43,10 +43,17 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training-time augmentation. The paper used only the 48 cube symmetries."""
+    """Training-time augmentation. The paper used only the 48 cube symmetries.
+
+    ``background_fraction`` in [0, 1): the share of training samples whose VOI is centred on
+    a uniformly drawn brain voxel instead of the lesion (as nnU-Net samples part of its
+    patches at random), so the network also sees VOIs with little or no lesion; those
+    samples do not count in the classification loss. 0 (the paper): always the lesion.
+    """
 
     symmetries: bool = True
     voi_jitter_mm: int = 0
+    background_fraction: float = 0.0
     random_affine: bool = False
     rotate_deg: float = 10.0
     scale_fraction: float = 0.1
@@ -207,6 +214,8 @@ def validate(config: Config, where: str = "config") -> None:
     _check(d.synth_subjects >= 2 and 0 <= d.synth_avm <= d.synth_subjects, where,
            "data.synth_avm must be in 0..data.synth_subjects")
     _check(a.voi_jitter_mm >= 0, where, "augment.voi_jitter_mm must be >= 0")
+    _check(0.0 <= a.background_fraction < 1.0, where,
+           "augment.background_fraction must be in [0, 1)")
     if isinstance(t.alpha, str):
         _check(t.alpha == "auto", where, "train.alpha must be a number in [0, 1] or 'auto'")
     else:

@@ -34,14 +34,16 @@ log = logging.getLogger(__name__)
 
 def load_examples(paths: Mapping[str, Path], ids: Sequence[str],
                   labels: Sequence[int] | Mapping[str, int], voi_size: int,
-                  margin: int = 0) -> list[dict[str, Any]]:
+                  margin: int = 0, whole_volumes: bool = False) -> list[dict[str, Any]]:
     """Load the VOIs of ``ids`` from preprocessed npz files, centred on each lesion's centroid.
 
     Each example: ``subject_id``, ``image`` float32 and ``mask`` uint8 of shape (S', S', S')
     with ``S' = voi_size + 2 * margin`` (the margin lets training jitter the centre by up to
     ``margin`` mm), ``voi_size``, ``label`` float32, ``centre`` (3,) int voxel index in the
     preprocessed volume, ``affine`` (4, 4) of that volume. ``labels``: aligned with ``ids``, or
-    a mapping from id.
+    a mapping from id. ``whole_volumes`` (for ``augment.background_fraction`` > 0) also keeps
+    the whole preprocessed ``volume_image`` float32 and ``volume_mask`` uint8 (I, J, K) and
+    ``brain_voxels``, the flat indices of the brain mask's voxels (all voxels if it is empty).
     Logs how many lesions do not fit in the VOI (they are cropped around the centroid).
     """
     size = voi_size + 2 * margin
@@ -50,13 +52,18 @@ def load_examples(paths: Mapping[str, Path], ids: Sequence[str],
         label = labels[subject_id] if isinstance(labels, Mapping) else labels[position]
         with np.load(paths[subject_id]) as npz:
             image, mask, affine = npz["image"], npz["mask"], npz["affine"]
+            brain = npz["brain"] if whole_volumes else None
         centre = voi.lesion_centre(mask)
         if voi.lesion_exceeds(mask, voi_size):
             exceeding.append(subject_id)
-        examples.append({"subject_id": subject_id, "label": np.float32(label), "centre": centre,
-                         "affine": affine, "voi_size": voi_size,
-                         "image": voi.crop(image, centre, size, 0.0),
-                         "mask": voi.crop(mask, centre, size, 0)})
+        example = {"subject_id": subject_id, "label": np.float32(label), "centre": centre,
+                   "affine": affine, "voi_size": voi_size,
+                   "image": voi.crop(image, centre, size, 0.0),
+                   "mask": voi.crop(mask, centre, size, 0)}
+        if whole_volumes:
+            example.update(volume_image=image, volume_mask=mask, brain_voxels=np.flatnonzero(
+                brain if brain.any() else np.ones_like(brain)).astype(np.int32))
+        examples.append(example)
     log.info("loaded %d VOIs of %d^3; %d lesions exceed the VOI and are cropped around their "
              "centroid%s", len(examples), voi_size, len(exceeding),
              f": {', '.join(exceeding)}" if exceeding else "")
@@ -79,24 +86,47 @@ def _centre_crop(array: np.ndarray, size: int, offset: np.ndarray) -> np.ndarray
 
 
 class TrainTransform:
-    """grain random map: jitter the VOI centre (by at most the examples' margin), augment,
-    and format one training example."""
+    """grain random map: pick the VOI (the lesion's, its centre jittered by at most the
+    examples' margin, or with probability ``augment.background_fraction`` one centred on a
+    uniformly drawn brain voxel), augment, and format one training example.
+
+    ``cls_weight`` is 0 for a background VOI (its label says nothing about what it shows)
+    and 1 otherwise.
+    """
 
     def __init__(self, voi_size: int, augment_cfg: AugmentConfig):
         self.voi_size = voi_size
         self.augment_cfg = augment_cfg
 
     def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        margin = (example["image"].shape[0] - self.voi_size) // 2
-        jitter = min(self.augment_cfg.voi_jitter_mm, margin)
-        offset = rng.integers(-jitter, jitter + 1, size=3)
-        cropped = {"image": _centre_crop(example["image"], self.voi_size, offset),
-                   "mask": _centre_crop(example["mask"], self.voi_size, offset),
-                   "label": example["label"]}
+        fraction = self.augment_cfg.background_fraction
+        background = fraction > 0 and rng.random() < fraction  # no draw at 0: same as before
+        cropped = self._background_voi(example, rng) if background else self._lesion_voi(
+            example, rng)
         out = augment.random_transform(cropped, rng, self.augment_cfg)
         return {"image": out["image"][..., None].astype(np.float32),
                 "mask": out["mask"][..., None].astype(np.float32),
-                "label": np.float32(out["label"])}
+                "label": np.float32(out["label"]),
+                "cls_weight": np.float32(0.0 if background else 1.0)}
+
+    def _lesion_voi(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        margin = (example["image"].shape[0] - self.voi_size) // 2
+        jitter = min(self.augment_cfg.voi_jitter_mm, margin)
+        offset = rng.integers(-jitter, jitter + 1, size=3)
+        return {"image": _centre_crop(example["image"], self.voi_size, offset),
+                "mask": _centre_crop(example["mask"], self.voi_size, offset),
+                "label": example["label"]}
+
+    def _background_voi(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        if "brain_voxels" not in example:
+            raise ValueError("augment.background_fraction > 0 needs examples loaded with "
+                             "load_examples(..., whole_volumes=True)")
+        brain = example["brain_voxels"]
+        shape = example["volume_image"].shape
+        centre = np.array(np.unravel_index(brain[rng.integers(len(brain))], shape))
+        return {"image": voi.crop(example["volume_image"], centre, self.voi_size, 0.0),
+                "mask": voi.crop(example["volume_mask"], centre, self.voi_size, 0),
+                "label": example["label"]}
 
 
 def _check_batching(n_examples: int, global_batch: int, process_count: int) -> int:
@@ -128,10 +158,12 @@ def train_batches(examples: Sequence[dict[str, Any]], cfg: Config, seed: int, ep
                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """Iterate this host's batches of one epoch (``steps_per_epoch`` of them).
 
-    Each batch: ``image``/``mask`` (b, S, S, S, 1) float32, ``label`` (b,) float32 with
-    ``b = train.batch_size / process_count``. ``train.workers`` > 0 runs the augmentation in
-    that many grain worker processes (``train.prefetch`` batches buffered per worker); with
-    0 workers one thread prepares up to ``train.prefetch`` batches ahead (0: none, inline).
+    Each batch: ``image``/``mask`` (b, S, S, S, 1) float32, ``label`` and ``cls_weight``
+    (b,) float32 with ``b = train.batch_size / process_count`` (``cls_weight`` 0 marks the
+    background VOIs of ``augment.background_fraction``, 1 the lesion's). ``train.workers``
+    > 0 runs the augmentation in that many grain worker processes (``train.prefetch``
+    batches buffered per worker); with 0 workers one thread prepares up to
+    ``train.prefetch`` batches ahead (0: none, inline).
     The batches are the same in every case.
     """
     ds = train_dataset(examples, cfg, seed, epoch, process_index=process_index,

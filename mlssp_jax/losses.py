@@ -3,7 +3,8 @@
 Models output logits; sigmoids are taken here, in float32. ``batch`` dicts are those of
 :mod:`mlssp_jax.input_pipeline`: ``mask`` ``(B, S, S, S, 1)`` in {0, 1}, ``label`` ``(B,)``
 in {0, 1}, and optionally ``valid`` ``(B,)`` bool (padding rows of the last eval batch are
-``False`` and do not count).
+``False`` and do not count) and ``cls_weight`` ``(B,)`` float (the weight of each sample in
+the classification loss; 0 for training VOIs away from the lesion; all ones when absent).
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ def bce_loss(cls_logits: jax.Array, labels: jax.Array) -> jax.Array:
                                               labels.astype(jnp.float32))
 
 
-def _batch_mean(per_sample: jax.Array, valid: jax.Array | None) -> jax.Array:
-    """Mean over the batch, over ``valid`` rows only when given."""
-    if valid is None:
+def _batch_mean(per_sample: jax.Array, weights: jax.Array | None) -> jax.Array:
+    """Mean over the batch; with (B,) ``weights`` (bool or float >= 0) the weighted mean
+    ``sum(w l) / sum(w)``, 0 when every weight is 0."""
+    if weights is None:
         return jnp.mean(per_sample)
-    weights = valid.astype(jnp.float32)
-    return jnp.sum(per_sample * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    weights = weights.astype(jnp.float32)
+    total = jnp.sum(weights)
+    return jnp.sum(per_sample * weights) / jnp.where(total > 0, total, 1.0)
 
 
 def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str,
@@ -77,7 +80,10 @@ def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str
     if outputs.get("seg") is not None:
         aux["dice"] = _batch_mean(dice_loss(outputs["seg"], batch["mask"]), valid)
     if outputs.get("cls") is not None:
-        aux["bce"] = _batch_mean(bce_loss(outputs["cls"], batch["label"]), valid)
+        weights = batch.get("cls_weight")
+        if valid is not None:
+            weights = valid if weights is None else weights * valid
+        aux["bce"] = _batch_mean(bce_loss(outputs["cls"], batch["label"]), weights)
     if not aux:
         raise ValueError("outputs has neither 'seg' nor 'cls'")
     if len(aux) == 1:

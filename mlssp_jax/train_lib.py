@@ -308,8 +308,10 @@ def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[
                                   t.seed)[fold]
     label_of = dict(zip(ids, labels, strict=True))
     margins = {"train": config.augment.voi_jitter_mm, "val": 0, "test": 0}
+    background = config.augment.background_fraction > 0  # whole training volumes needed
     return {part: input_pipeline.load_examples(paths, ids_, label_of, config.data.voi_size,
-                                               margin=margins[part])
+                                               margin=margins[part],
+                                               whole_volumes=background and part == "train")
             for part, ids_ in split.items()}
 
 

@@ -13,6 +13,7 @@ def test_defaults_are_the_paper():
     assert c.train.learning_rate == 1e-5
     assert c.train.lr_decay_per_epoch == 0.05
     assert (c.train.adam_b1, c.train.adam_b2) == (0.9, 0.999)
+    assert c.augment.background_fraction == 0.0  # VOIs always on the lesion
 
 
 def test_toml_round_trip(tmp_path):
@@ -46,6 +47,8 @@ def test_int_accepted_for_float():
     ({"train": {"alpha": "sometimes"}}, "'auto'"),
     ({"model": {"name": "resnet"}}, "model.name must be one of"),
     ({"data": {"voi_size": 40}}, "multiple of 16"),
+    ({"augment": {"background_fraction": 1.0}}, "augment.background_fraction must be in [0, 1)"),
+    ({"augment": {"background_fraction": -0.1}}, "augment.background_fraction must be in [0, 1)"),
 ])
 def test_bad_values_are_input_errors(raw, message):
     with pytest.raises(InputError, match=None) as err:

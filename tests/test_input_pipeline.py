@@ -138,3 +138,57 @@ def test_epoch_seed_is_stable():
     assert input_pipeline.epoch_seed(0, 1) != input_pipeline.epoch_seed(0, 2)
     cfg = dataclasses.replace(_cfg(), train=dataclasses.replace(_cfg().train, batch_size=2))
     assert len(_collect(_examples(n=5), cfg, seed=0, epoch=0)) == 2
+
+
+BRAIN = (slice(10, 22), slice(12, 30), slice(8, 20))  # the brain box of _volume_examples
+
+
+def _volume_examples(tmp_path, n=10, whole_volumes=True):
+    """Examples from npz volumes (40^3): 0 outside a brain box, 0.8 on a lesion in it and
+    random in [0.1, 0.5) elsewhere in it."""
+    rng = np.random.default_rng(1)
+    paths = {}
+    for i in range(n):
+        brain = np.zeros((40,) * 3, np.uint8)
+        brain[BRAIN] = 1
+        mask = np.zeros_like(brain)
+        lo = rng.integers(0, 6, 3) + (11, 13, 9)
+        mask[lo[0]:lo[0] + 4, lo[1]:lo[1] + 3, lo[2]:lo[2] + 2] = 1
+        image = np.where(mask, 0.8, brain * (0.1 + 0.4 * rng.random(brain.shape)))
+        paths[f"s{i}"] = tmp_path / f"s{i}.npz"
+        np.savez(paths[f"s{i}"], image=image.astype(np.float32), mask=mask, brain=brain,
+                 affine=np.eye(4))
+    return input_pipeline.load_examples(paths, list(paths), [i % 2 for i in range(n)], S,
+                                        whole_volumes=whole_volumes)
+
+
+def test_background_vois_are_in_the_brain_and_deterministic(tmp_path):
+    examples = _volume_examples(tmp_path)
+    assert examples[0]["volume_image"].shape == (40,) * 3
+    assert len(examples[0]["brain_voxels"]) == 12 * 18 * 12
+    cfg = _cfg(jitter=0, symmetries=False, background_fraction=0.5)
+    batches = [b for epoch in range(4) for b in _collect(examples, cfg, seed=3, epoch=epoch)]
+    weights = np.concatenate([b["cls_weight"] for b in batches])
+    assert set(weights.tolist()) == {0.0, 1.0} and 0.25 < np.mean(weights == 0) < 0.75
+    c = S // 2  # the VOI's centre voxel (no symmetries, no jitter)
+    for batch in batches:
+        for image, mask, weight in zip(batch["image"], batch["mask"], batch["cls_weight"],
+                                       strict=True):
+            assert image[c, c, c, 0] > 0  # the centre is a brain voxel
+            np.testing.assert_array_equal(mask, image == np.float32(0.8))  # aligned crops
+            if weight == 1:
+                assert mask.sum() == 4 * 3 * 2  # the lesion's VOI holds the whole lesion
+    _assert_same(batches[:2], _collect(examples, cfg, seed=3, epoch=0))
+    assert not np.array_equal(weights[:8], np.concatenate(
+        [b["cls_weight"] for b in _collect(examples, cfg, seed=4, epoch=0)]))
+
+
+def test_background_fraction_zero_is_the_lesion_voi_only(tmp_path):
+    cfg = _cfg(jitter=0)
+    with_volumes = _collect(_volume_examples(tmp_path), cfg, seed=0, epoch=1)
+    assert all((b["cls_weight"] == 1).all() for b in with_volumes)
+    _assert_same(with_volumes,
+                 _collect(_volume_examples(tmp_path, whole_volumes=False), cfg, seed=0, epoch=1))
+    cfg = _cfg(jitter=0, background_fraction=0.5)
+    with pytest.raises(ValueError, match="whole_volumes"):
+        _collect(_volume_examples(tmp_path, whole_volumes=False), cfg, seed=0, epoch=1)

@@ -77,6 +77,29 @@ def test_total_valid_rows_only(case):
     np.testing.assert_allclose([aux["dice"], aux["bce"]], [1 / 3, np.log(2.0)], rtol=1e-6)
 
 
+def test_total_cls_weight_masks_bce_only():
+    # BCE of (logit, label): (0, 1) -> log 2, (2, 0) -> log(1 + e^2), (-1, 0) -> log(1 + e^-1)
+    outputs = {"seg": _volume([[0.0, 0.0], [BIG, -BIG], [BIG, -BIG]]),
+               "cls": jnp.array([0.0, 2.0, -1.0])}
+    batch = {"mask": _volume([[1, 0], [1, 0], [1, 0]]), "label": jnp.array([1.0, 0.0, 0.0])}
+    weighted = {**batch, "cls_weight": jnp.array([1.0, 0.0, 1.0])}
+    _, aux = total_loss(outputs, weighted, alpha=0.4)
+    # BCE over samples 0 and 2 only; Dice still over all three: (1/3 + 0 + 0) / 3
+    np.testing.assert_allclose(aux["bce"], (np.log(2.0) + np.log1p(np.exp(-1.0))) / 2, rtol=1e-6)
+    np.testing.assert_allclose(aux["dice"], 1 / 9, rtol=1e-6)
+    # combined with valid: sample 2 is padding -> BCE of sample 0 alone, Dice of samples 0, 1
+    _, aux = total_loss(outputs, {**weighted, "valid": jnp.array([True, True, False])}, alpha=0.4)
+    np.testing.assert_allclose([aux["bce"], aux["dice"]], [np.log(2.0), 1 / 6], rtol=1e-6)
+    # every weight 0: BCE 0 (no NaN) and no gradient through the classification logits
+    none = {**batch, "cls_weight": jnp.zeros(3)}
+    assert float(total_loss(outputs, none, alpha=0.4)[1]["bce"]) == 0.0
+    grad = jax.grad(lambda c: total_loss({**outputs, "cls": c}, none, alpha=0.4)[0])
+    np.testing.assert_array_equal(grad(outputs["cls"]), np.zeros(3))
+    # all ones is the same as no weights
+    ones = total_loss(outputs, {**batch, "cls_weight": jnp.ones(3)}, alpha=0.4)[0]
+    np.testing.assert_allclose(ones, total_loss(outputs, batch, alpha=0.4)[0], rtol=1e-6)
+
+
 def test_total_auto_weighting(case):
     outputs, batch, dice, bce = case
     log_vars = jnp.array([0.5, -1.0])

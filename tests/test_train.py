@@ -112,7 +112,7 @@ def test_quick_config_learns_one_fold(tmp_path):
 
     The slowest test (~3 min on a busy 2-core CPU): it generates and preprocesses the
     40-subject cohort, compiles the 32^3 model and trains 12 epochs. Floors are conservative
-    (seen: DSC 0.77, AUC 0.75 on the 8 held-out subjects).
+    (seen: DSC 0.84, AUC 0.75 on the 8 held-out subjects).
     """
     workdir = tmp_path / "quick_run"
     run_train(train_env(), sys.executable, "-m", "mlssp_jax.train", "--config",
