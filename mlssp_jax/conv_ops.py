@@ -1,4 +1,5 @@
-"""The three convolutions of the network as pure functions, with a choice of implementation.
+"""The network's windowed ops (three convolutions, max pooling) as pure functions, with a
+choice of implementation.
 
 All arrays are channels-last: ``x`` is ``(B, D, H, W, Cin)``, kernels are DHWIO
 ``(kd, kh, kw, Cin, Cout)`` exactly as ``flax.linen.Conv`` / ``ConvTranspose`` store them,
@@ -12,9 +13,13 @@ so every implementation reads the same parameters and checkpoints.
 
   * 3x3x3 'SAME' conv: depth is folded into the batch and the conv becomes 2-D 3x3 convs
     over ``(B*D, H, W, C)`` planes, with a :func:`jax.custom_vjp` whose backward passes are
-    2-D convs as well (see :func:`_conv3d_cpu`). Small volumes use im2col + one matmul.
+    2-D convs as well (see :func:`_conv3d_cpu`). Wide layers on small volumes use im2col +
+    one matmul; small layers (few voxels and channels) keep XLA's native conv, which is as
+    fast there and compiles several times faster (:func:`conv3d_formulation`).
   * 2x2x2 stride-2 down conv: space-to-depth + one matmul.
   * 2x2x2 stride-2 transposed up conv: one matmul + depth-to-space.
+  * 2x2x2 stride-2 max pool: a reshape and a max over the window axes, whose gradient is
+    an elementwise select instead of XLA's slow select-and-scatter.
 
   Forward values and gradients equal the ``"xla"`` path to float32 rounding
   (``tests/test_conv_ops.py``).
@@ -39,7 +44,11 @@ _DIMS_2D = ("NHWC", "HWIO", "NHWC")
 # Cout in the batch position and B*D as the contracted feature; the input planes are the kernel.
 _DIMS_WGRAD = ("CHWN", "IHWO", "NHWC")
 
-# Strategy thresholds in voxels per volume (D*H*W), measured on a 2-core Zen 5 (PERF_NOTES.md).
+# Strategy thresholds in voxels per volume (D*H*W), measured on a 2-core Zen 5 (PERF_NOTES.md,
+# benchmarks/README.md). Layers with at most _NATIVE_MAX_VOXELS voxels and fewer than
+# _NATIVE_MAX_WORK voxels * Cin * Cout keep XLA's native conv (width <= 8 at 8^3 and 4^3).
+_NATIVE_MAX_VOXELS = 8**3
+_NATIVE_MAX_WORK = 2**22
 _IM2COL_MAX_VOXELS = 4**3
 _AUTODIFF_MAX_VOXELS = 8**3
 _SPLIT_WGRAD_MAX_VOXELS = 16**3
@@ -62,7 +71,7 @@ def conv3d(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
     """
     impl = resolve_impl(impl)
     if impl == "xla" or (impl == "cpu" and kernel.shape[:3] != (3, 3, 3)):
-        return lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME", dimension_numbers=_DIMS)
+        return _conv3d_native(x, kernel)
     if impl == "cpu":
         return _conv3d_cpu_dispatch(x, kernel)
     raise ValueError(f"unknown conv impl {impl!r}")
@@ -90,6 +99,27 @@ def up_conv(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
     if impl == "cpu":
         return _up_conv_matmul(x, kernel)
     raise ValueError(f"unknown conv impl {impl!r}")
+
+
+def max_pool(x: jax.Array, impl: str = "auto") -> jax.Array:
+    """2x2x2 stride-2 'SAME' max pool, as ``flax.linen.max_pool`` computes it.
+
+    (B, D, H, W, C) -> (B, ceil(D/2), ceil(H/2), ceil(W/2), C); an odd axis is padded with
+    -inf at its end. The ``"cpu"`` path is a reshape + max: same values; where a window
+    holds tied maxima its gradient is shared among them (XLA's select-and-scatter gives it
+    to the first), which after a ReLU only happens between zeros, whose gradient is zero.
+    """
+    impl = resolve_impl(impl)
+    window = (1, 2, 2, 2, 1)
+    if impl == "xla":
+        return lax.reduce_window(x, -jnp.inf, lax.max, window, window, "SAME")
+    if impl != "cpu":
+        raise ValueError(f"unknown conv impl {impl!r}")
+    b, d, h, w, c = x.shape
+    pads = [(0, 0)] + [(0, n % 2) for n in (d, h, w)] + [(0, 0)]
+    x = jnp.pad(x, pads, constant_values=-jnp.inf)
+    d2, h2, w2 = (d + 1) // 2, (h + 1) // 2, (w + 1) // 2
+    return x.reshape(b, d2, 2, h2, 2, w2, 2, c).max(axis=(2, 4, 6))
 
 
 # ---------------------------------------------------------------- 2x2x2 stride-2 (matmuls)
@@ -127,15 +157,30 @@ def _up_conv_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------- 3x3x3 'SAME' (2-D convs)
 
 
-def _conv3d_cpu_dispatch(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Pick the fastest measured formulation for this volume size (voxels per volume)."""
-    voxels = x.shape[1] * x.shape[2] * x.shape[3]
+def conv3d_formulation(x_shape: tuple[int, ...], cout: int) -> str:
+    """Which CPU formulation :func:`conv3d` uses for input ``(B, D, H, W, Cin)`` and ``cout``.
+
+    One of ``"native"`` (XLA's conv), ``"im2col"``, ``"depth_split"`` (2-D convs,
+    autodiff), ``"split_wgrad"`` / ``"concat_wgrad"`` (2-D convs, custom VJP with the
+    kernel gradient as three convs / one conv): the fastest measured for that size.
+    """
+    voxels = x_shape[1] * x_shape[2] * x_shape[3]
+    if voxels <= _NATIVE_MAX_VOXELS and voxels * x_shape[4] * cout < _NATIVE_MAX_WORK:
+        return "native"
     if voxels <= _IM2COL_MAX_VOXELS:
-        return _conv3d_im2col(x, kernel)
+        return "im2col"
     if voxels <= _AUTODIFF_MAX_VOXELS:
-        return _conv3d_depth_split(x, kernel)
-    split_wgrad = voxels <= _SPLIT_WGRAD_MAX_VOXELS
-    return _conv3d_cpu(x, kernel, split_wgrad)
+        return "depth_split"
+    return "split_wgrad" if voxels <= _SPLIT_WGRAD_MAX_VOXELS else "concat_wgrad"
+
+
+def _conv3d_native(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME", dimension_numbers=_DIMS)
+
+
+def _conv3d_cpu_dispatch(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Run the formulation :func:`conv3d_formulation` picks for this layer."""
+    return FORMULATIONS[conv3d_formulation(x.shape, kernel.shape[-1])](x, kernel)
 
 
 def _conv3d_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -241,5 +286,15 @@ def _conv3d_cpu_bwd(split_wgrad, residuals, g):
 
 _conv3d_cpu.defvjp(_conv3d_cpu_fwd, _conv3d_cpu_bwd)
 
+# conv3d_formulation name -> (x, kernel) -> output; every one equals _conv3d_native.
+FORMULATIONS = {
+    "native": _conv3d_native,
+    "im2col": _conv3d_im2col,
+    "depth_split": _conv3d_depth_split,
+    "split_wgrad": lambda x, kernel: _conv3d_cpu(x, kernel, True),
+    "concat_wgrad": lambda x, kernel: _conv3d_cpu(x, kernel, False),
+}
 
-__all__ = ["conv3d", "down_conv", "up_conv", "resolve_impl"]
+
+__all__ = ["conv3d", "conv3d_formulation", "down_conv", "max_pool", "resolve_impl",
+           "up_conv"]

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlssp_jax import conv_ops
 from mlssp_jax.config import ModelConfig
 from mlssp_jax.errors import InputError
 from mlssp_jax.layers import Conv3x3x3, DownConv, PointConv, UpConv
@@ -157,7 +158,7 @@ class ClassifierHead(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for i, features in enumerate((2 * self.width, 4 * self.width)):
             x = nn.relu(Conv3x3x3(features, self.conv_impl, self.dtype, name=f"conv{i}")(x))
-            x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="SAME")
+            x = conv_ops.max_pool(x, self.conv_impl)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3))  # (B, 4w)
         for i in range(2):
             x = nn.relu(nn.Dense(self.dense_units, dtype=self.dtype,

@@ -14,16 +14,15 @@ import numpy as np
 from mlssp_jax import config, models
 
 ROOT = Path(__file__).resolve().parent.parent
-# The tiny training config: VOI 16^3, width 4, global batch 4, lr 1e-3, and XLA's own
-# convolutions (they compile ~3x faster than the CPU fast path, which tests/test_conv_ops.py
-# checks against them).
+# The tiny training config: VOI 16^3, width 4, global batch 4, lr 1e-3, and the default
+# conv_impl ("auto": on CPU, 2-D formulations at 16^3 and XLA's conv below, see
+# conv_ops.conv3d_formulation).
 TINY_CONFIG = """
 [data]
 voi_size = 16
 [model]
 width = 4
 dense_units = 8
-conv_impl = "xla"
 [train]
 alpha = 0.4
 learning_rate = 1e-3

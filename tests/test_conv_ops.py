@@ -78,6 +78,52 @@ def test_conv3d_cpu_equals_xla(batch, spatial, cin, cout):
     _assert_cpu_equals_xla(conv_ops.conv3d, x, kernel)
 
 
+# Every formulation on shapes where conv3d itself would pick another one.
+FORMULATION_CASES = [
+    ("im2col", (2, (4, 4, 4), 5, 3)),
+    ("im2col", (1, (8, 6, 8), 10, 5)),
+    ("depth_split", (2, (8, 8, 8), 5, 5)),
+    ("depth_split", (1, (4, 4, 4), 1, 5)),   # taps in the input channels
+    ("split_wgrad", (1, (8, 8, 8), 6, 3)),
+    ("concat_wgrad", (2, (8, 8, 8), 5, 5)),
+    ("concat_wgrad", (1, (6, 10, 4), 1, 3)),
+]
+
+
+@pytest.mark.parametrize(("name", "case"), FORMULATION_CASES)
+def test_each_formulation_equals_xla(name, case):
+    x, kernel = _inputs(*case, 3)
+    formulation = conv_ops.FORMULATIONS[name]
+
+    def op(x, kernel, impl):
+        return formulation(x, kernel) if impl == "cpu" else conv_ops.conv3d(x, kernel, "xla")
+
+    _assert_cpu_equals_xla(op, x, kernel)
+
+
+def test_formulation_choice_by_size():
+    """Small layers keep XLA's conv; wide layers at 8^3/4^3 and every layer >= 16^3 do not."""
+    pick = conv_ops.conv3d_formulation
+    assert pick((2, 8, 8, 8, 64), 64) == "native"        # width 8 at 8^3
+    assert pick((2, 4, 4, 4, 16), 16) == "native"
+    assert pick((2, 8, 8, 8, 128), 128) == "depth_split"  # width 16 at 8^3
+    assert pick((2, 4, 4, 4, 256), 256) == "im2col"       # width 16 at 4^3
+    assert pick((4, 16, 16, 16, 4), 4) == "split_wgrad"   # any width at 16^3
+    assert pick((2, 64, 64, 64, 1), 16) == "concat_wgrad"
+
+
+@pytest.mark.parametrize("spatial", [(8, 8, 8), (5, 6, 3)])
+def test_max_pool_cpu_equals_xla_and_flax(spatial):
+    x, _ = _inputs(2, spatial, 3, 1, 1)  # continuous random values: no tied maxima
+    expected = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="SAME")
+    for impl in ("xla", "cpu"):
+        assert jnp.array_equal(conv_ops.max_pool(x, impl), expected), impl
+    grads = {impl: jax.grad(lambda x, impl=impl: jnp.sum(jnp.sin(conv_ops.max_pool(x, impl))))(x)
+             for impl in ("xla", "cpu")}
+    assert jnp.array_equal(grads["cpu"], grads["xla"])
+    assert int(jnp.count_nonzero(grads["cpu"])) == expected.size  # one winner per window
+
+
 @pytest.mark.parametrize(("batch", "spatial", "cin", "cout"), DOWN_CASES)
 def test_down_conv_cpu_equals_xla(batch, spatial, cin, cout):
     x, kernel = _inputs(batch, spatial, cin, cout, 2)

@@ -16,7 +16,7 @@ from mlssp_jax.models import DECODER, build_model, has_tasks, init_params
 
 KEY = jax.random.key(0, impl="rbg")  # rbg: far faster to compile on CPU than threefry
 WIDTH = 4
-TINY = ModelConfig(name="mlssp", width=WIDTH, dense_units=8, conv_impl="xla")
+TINY = ModelConfig(name="mlssp", width=WIDTH, dense_units=8)
 
 
 def _shapes(cfg: ModelConfig, x_shape):

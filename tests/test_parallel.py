@@ -26,7 +26,7 @@ ONE_STEP_ON_1_AND_4_DEVICES = textwrap.dedent("""
 
     assert jax.device_count() == 4
     cfg = config_lib.from_dict({"data": {"voi_size": 16},
-                                "model": {"width": 4, "dense_units": 8, "conv_impl": "xla"},
+                                "model": {"width": 4, "dense_units": 8},
                                 "train": {"batch_size": 4, "learning_rate": 1e-3}})
     rng = np.random.default_rng(0)
     batch = {"image": rng.random((4, 16, 16, 16, 1), dtype=np.float32),
