@@ -1,10 +1,11 @@
-"""Per-layer forward+backward time of the network's convolutions: XLA native vs our CPU path.
+"""Per-layer forward+backward time of the network's convolutions: XLA native vs our CPU paths.
 
 For each layer shape of the MLSSP network (width ``w``, VOI ``S``): the 3x3x3 convs at each
 level, the 2x2x2 down and up convs. Each timed call is one forward and both backward passes
 (input and kernel gradients; the 1-channel stem only the kernel gradient, as in training).
-Implementations are timed interleaved in one process (XLA native, ``conv_ops`` ``"cpu"``,
-and PyTorch NCDHW / channels_last_3d if torch is installed), medians of ``--repeats``.
+Implementations are timed interleaved in one process (XLA native, ``conv_ops`` ``"cpu"`` and,
+if it can run here, ``"onednn"``, and PyTorch NCDHW / channels_last_3d if torch is
+installed), medians of ``--repeats``.
 
     python benchmarks/conv_layers.py --width 16 --size 64 --batch 2 --repeats 5
 
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlssp_jax import conv_ops, cpu_env
+from mlssp_jax import conv_ops, cpu_env, onednn
 
 
 def layer_shapes(width: int, size: int) -> list[dict]:
@@ -54,9 +55,12 @@ def jax_runner(spec: dict, batch: int, impl: str) -> Callable[[], object]:
 
     @jax.jit
     def fwd_bwd(x, k, g):
+        # The output is returned too: else XLA drops the forward pass as dead code.
         if stem:
-            return jax.vjp(lambda k: op(x, k, impl), k)[1](g)
-        return jax.vjp(lambda x, k: op(x, k, impl), x, k)[1](g)
+            y, vjp = jax.vjp(lambda k: op(x, k, impl), k)
+        else:
+            y, vjp = jax.vjp(lambda x, k: op(x, k, impl), x, k)
+        return y, vjp(g)
 
     return lambda: jax.block_until_ready(fwd_bwd(x, k, g))
 
@@ -82,6 +86,8 @@ def torch_runner(spec: dict, batch: int, channels_last: bool) -> Callable[[], ob
 
 def runners(spec: dict, batch: int, with_torch: bool) -> dict[str, Callable[[], object]]:
     out = {"xla_ms": jax_runner(spec, batch, "xla"), "cpu_ms": jax_runner(spec, batch, "cpu")}
+    if onednn.available():
+        out["onednn_ms"] = jax_runner(spec, batch, "onednn")
     if with_torch:
         out["torch_ncdhw_ms"] = torch_runner(spec, batch, channels_last=False)
         out["torch_cl3d_ms"] = torch_runner(spec, batch, channels_last=True)
@@ -134,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         if with_torch:
             row["torch_best_ms"] = min(row["torch_ncdhw_ms"], row["torch_cl3d_ms"])
             row["cpu_over_torch"] = row["cpu_ms"] / row["torch_best_ms"]
+            if "onednn_ms" in row:
+                row["onednn_over_torch"] = row["onednn_ms"] / row["torch_best_ms"]
         row["xla_over_cpu"] = row["xla_ms"] / row["cpu_ms"]
         rows.append(row)
         print(common.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
@@ -147,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COLUMNS = [("layer", "layer", "s"), ("xla_ms", "XLA native", ".1f"), ("cpu_ms", "cpu path", ".1f"),
-           ("torch_ncdhw_ms", "torch NCDHW", ".1f"), ("torch_cl3d_ms", "torch CL3D", ".1f"),
-           ("xla_over_cpu", "XLA/cpu", ".1f"), ("cpu_over_torch", "cpu/torch best", ".2f")]
+           ("onednn_ms", "onednn", ".1f"), ("torch_ncdhw_ms", "torch NCDHW", ".1f"),
+           ("torch_cl3d_ms", "torch CL3D", ".1f"), ("xla_over_cpu", "XLA/cpu", ".1f"),
+           ("cpu_over_torch", "cpu/torch best", ".2f"),
+           ("onednn_over_torch", "onednn/torch best", ".2f")]
 
 if __name__ == "__main__":
     raise SystemExit(main())

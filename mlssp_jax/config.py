@@ -18,7 +18,7 @@ from typing import Any
 from mlssp_jax.errors import InputError
 
 MODEL_NAMES = ("mlssp", "ynet", "he", "unet3d", "cnn")
-CONV_IMPLS = ("auto", "xla", "cpu")
+CONV_IMPLS = ("auto", "xla", "cpu", "onednn")
 DTYPES = ("float32", "bfloat16")
 
 

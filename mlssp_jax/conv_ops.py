@@ -23,7 +23,12 @@ so every implementation reads the same parameters and checkpoints.
 
   Forward values and gradients equal the ``"xla"`` path to float32 rounding
   (``tests/test_conv_ops.py``).
-- ``"auto"``: ``"cpu"`` on the CPU backend, else ``"xla"`` (see :func:`resolve_impl`).
+- ``"onednn"``: the ``"cpu"`` path with every 3-D convolution (forward and both gradients)
+  run by oneDNN through an XLA FFI call (:mod:`mlssp_jax.onednn`), the fastest on CPU;
+  float32 only (other dtypes take the ``"cpu"`` formulations). Needs the oneDNN wheels and
+  a C++ compiler; the handlers are compiled once per environment.
+- ``"auto"``: on the CPU backend ``"onednn"`` where it is available and JAX has one
+  device (else ``"cpu"``); on TPU/GPU ``"xla"`` (see :func:`resolve_impl`).
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mlssp_jax import cpu_env
+from mlssp_jax import cpu_env, onednn
+from mlssp_jax.config import CONV_IMPLS
+from mlssp_jax.errors import InputError
 
-cpu_env.configure_environment()
+cpu_env.configure_environment(xla_convs=not onednn.buildable())
 
 _DIMS = ("NDHWC", "DHWIO", "NDHWC")
 _DIMS_2D = ("NHWC", "HWIO", "NHWC")
@@ -57,24 +64,48 @@ _TAPS_IN_INPUT_MAX_CIN = 4
 
 
 def resolve_impl(impl: str) -> str:
-    """Map ``"auto"`` to ``"cpu"`` on JAX's CPU backend and ``"xla"`` on accelerators."""
-    if impl != "auto":
-        return impl
-    return "cpu" if jax.default_backend() == "cpu" else "xla"
+    """Map ``"auto"`` to ``"xla"`` on accelerators; on JAX's CPU backend to ``"onednn"``
+    with one device, ``"cpu"`` with several or without oneDNN. An explicit ``"onednn"`` that
+    cannot run raises InputError with the reason; an unknown name raises ValueError.
+
+    oneDNN calls are opaque to XLA's SPMD partitioner, which gathers the whole batch and
+    runs them on every device: correct, but no data parallelism. The ``"cpu"`` formulations
+    are XLA ops and partition over the batch.
+    """
+    if impl == "auto":
+        if jax.default_backend() != "cpu":
+            return "xla"
+        return "onednn" if jax.device_count() == 1 and onednn.available() else "cpu"
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown conv impl {impl!r}")
+    if impl == "onednn" and not onednn.available():
+        raise InputError(f"model.conv_impl = 'onednn' cannot run here: {onednn.status().reason}")
+    return impl
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
     """'SAME' stride-1 3-D convolution. x (B, D, H, W, Cin), kernel (3, 3, 3, Cin, Cout).
 
-    The ``"cpu"`` path covers 3x3x3 kernels (the only size the network uses); other
-    kernel sizes fall back to XLA's native conv.
+    ``"onednn"`` runs float32 convolutions of any kernel size; the ``"cpu"`` formulations
+    cover 3x3x3 kernels (the only size the network uses), other sizes fall back to XLA's
+    native conv.
     """
     impl = resolve_impl(impl)
-    if impl == "xla" or (impl == "cpu" and kernel.shape[:3] != (3, 3, 3)):
+    if impl == "onednn" and x.dtype == kernel.dtype == jnp.float32:
+        return onednn.conv3d(x, kernel)
+    if impl == "xla" or kernel.shape[:3] != (3, 3, 3):
         return _conv3d_native(x, kernel)
-    if impl == "cpu":
-        return _conv3d_cpu_dispatch(x, kernel)
-    raise ValueError(f"unknown conv impl {impl!r}")
+    return _conv3d_cpu_dispatch(x, kernel)
+
+
+def conv3d_bias_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                     impl: str = "auto") -> jax.Array:
+    """``relu(conv3d(x, kernel) + bias)``; bias (Cout,). ``"onednn"`` fuses the three into one
+    pass (float32); the other implementations compute them in turn (XLA fuses bias + ReLU)."""
+    impl = resolve_impl(impl)
+    if impl == "onednn" and x.dtype == kernel.dtype == bias.dtype == jnp.float32:
+        return onednn.conv3d_bias_relu(x, kernel, bias)
+    return jax.nn.relu(conv3d(x, kernel, impl) + bias)
 
 
 def down_conv(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
@@ -82,9 +113,10 @@ def down_conv(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
     impl = resolve_impl(impl)
     if impl == "xla":
         return lax.conv_general_dilated(x, kernel, (2, 2, 2), "VALID", dimension_numbers=_DIMS)
-    if impl == "cpu":
-        return _down_conv_matmul(x, kernel)
-    raise ValueError(f"unknown conv impl {impl!r}")
+    if impl == "onednn" and x.dtype == kernel.dtype == jnp.float32:
+        b, d, h, w, _ = x.shape
+        return onednn.conv3d(x[:, : d // 2 * 2, : h // 2 * 2, : w // 2 * 2], kernel, 2)
+    return _down_conv_matmul(x, kernel)
 
 
 def up_conv(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
@@ -96,9 +128,12 @@ def up_conv(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
     impl = resolve_impl(impl)
     if impl == "xla":
         return lax.conv_transpose(x, kernel, (2, 2, 2), "SAME", dimension_numbers=_DIMS)
-    if impl == "cpu":
-        return _up_conv_matmul(x, kernel)
-    raise ValueError(f"unknown conv impl {impl!r}")
+    if impl == "onednn" and x.dtype == kernel.dtype == jnp.float32:
+        # out[2i+a] = x[i] @ kernel[1-a]: the transpose of a stride-2 conv whose kernel is
+        # the flipped one with Cin and Cout swapped.
+        flipped = kernel[::-1, ::-1, ::-1].transpose(0, 1, 2, 4, 3)
+        return onednn.conv3d_transpose(x, flipped, 2)
+    return _up_conv_matmul(x, kernel)
 
 
 def max_pool(x: jax.Array, impl: str = "auto") -> jax.Array:
@@ -108,13 +143,15 @@ def max_pool(x: jax.Array, impl: str = "auto") -> jax.Array:
     -inf at its end. The ``"cpu"`` path is a reshape + max: same values; where a window
     holds tied maxima its gradient is shared among them (XLA's select-and-scatter gives it
     to the first), which after a ReLU only happens between zeros, whose gradient is zero.
+    ``"onednn"`` runs oneDNN's max pooling (float32), whose gradient, like XLA's, goes to
+    the first maximum.
     """
     impl = resolve_impl(impl)
     window = (1, 2, 2, 2, 1)
     if impl == "xla":
         return lax.reduce_window(x, -jnp.inf, lax.max, window, window, "SAME")
-    if impl != "cpu":
-        raise ValueError(f"unknown conv impl {impl!r}")
+    if impl == "onednn" and x.dtype == jnp.float32:
+        return onednn.max_pool(x, 2)
     b, d, h, w, c = x.shape
     pads = [(0, 0)] + [(0, n % 2) for n in (d, h, w)] + [(0, 0)]
     x = jnp.pad(x, pads, constant_values=-jnp.inf)
@@ -296,5 +333,5 @@ FORMULATIONS = {
 }
 
 
-__all__ = ["conv3d", "conv3d_formulation", "down_conv", "max_pool", "resolve_impl",
-           "up_conv"]
+__all__ = ["conv3d", "conv3d_bias_relu", "conv3d_formulation", "down_conv", "max_pool",
+           "resolve_impl", "up_conv"]

@@ -2,9 +2,12 @@
 
 Two settings, measured on a 2-core Zen 5 (``/work/shared/PERF_NOTES.md``, issue 8):
 
-- ``XLA_FLAGS += --xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce``:
-  keeps 2-D convolutions out of YNNPACK (which used ~1 of 2 cores) so they run on Eigen.
-  XLA reads ``XLA_FLAGS`` once, when JAX creates its first backend, so
+- ``XLA_FLAGS += --xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce``,
+  only when the 3-D convolutions run as XLA 2-D convs (``conv_ops`` ``"cpu"``, i.e. when
+  the oneDNN convolution cannot be built here): keeps 2-D convolutions out of YNNPACK
+  (which used ~1 of 2 cores) so they run on Eigen. With oneDNN running the convolutions
+  the flag costs 6% of a train step (1.56 vs 1.46 s, width 16, 64^3, batch 2), so it is
+  not applied. XLA reads ``XLA_FLAGS`` once, when JAX creates its first backend, so
   :func:`configure_environment` must run before the first computation; importing
   :mod:`mlssp_jax.conv_ops` calls it. It is applied only when JAX will run on the CPU
   (``JAX_PLATFORMS`` is ``cpu``, or no TPU/GPU plugin is installed) and jaxlib is a
@@ -70,13 +73,14 @@ def flags_known() -> bool:
     return major_minor in FLAG_CHECKED_JAXLIB
 
 
-def configure_environment() -> bool:
-    """Append the CPU XLA flags to ``XLA_FLAGS`` if on CPU and not opted out. Idempotent.
+def configure_environment(xla_convs: bool = True) -> bool:
+    """Append the CPU XLA flags to ``XLA_FLAGS`` if on CPU, the convolutions run as XLA
+    convs (``xla_convs``) and not opted out. Idempotent.
 
     Returns whether the flags are in force. Has no effect if JAX already created its
     backend (XLA has read ``XLA_FLAGS`` by then); a warning says so.
     """
-    if not (tuning_enabled() and runs_on_cpu() and flags_known()):
+    if not (xla_convs and tuning_enabled() and runs_on_cpu() and flags_known()):
         return False
     current = os.environ.get("XLA_FLAGS", "")
     missing = [f for f in XLA_CPU_FLAGS if f.split("=")[0] not in current]

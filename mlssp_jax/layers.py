@@ -51,10 +51,23 @@ class _WindowConv(nn.Module):
 
 
 class Conv3x3x3(_WindowConv):
-    """'SAME' stride-1 3x3x3 convolution: (B, D, H, W, Cin) -> (B, D, H, W, features)."""
+    """'SAME' stride-1 3x3x3 convolution: (B, D, H, W, Cin) -> (B, D, H, W, features).
+
+    With ``relu``, returns ``relu(conv + bias)`` (one fused pass where ``conv_impl`` runs
+    oneDNN, :func:`conv_ops.conv3d_bias_relu`); parameters are the same either way.
+    """
+
+    relu: bool = False
 
     window = (3, 3, 3)
     op = staticmethod(conv_ops.conv3d)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias = _params(self, x, self.window)
+        if self.relu:
+            return conv_ops.conv3d_bias_relu(x, kernel, bias, self.conv_impl)
+        return self.op(x, kernel, self.conv_impl) + bias
 
 
 class DownConv(_WindowConv):

@@ -79,7 +79,7 @@ class ConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(2):
-            x = nn.relu(Conv3x3x3(self.features, self.conv_impl, self.dtype, name=f"conv{i}")(x))
+            x = Conv3x3x3(self.features, self.conv_impl, self.dtype, relu=True, name=f"conv{i}")(x)
         return x
 
 
@@ -157,7 +157,7 @@ class ClassifierHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i, features in enumerate((2 * self.width, 4 * self.width)):
-            x = nn.relu(Conv3x3x3(features, self.conv_impl, self.dtype, name=f"conv{i}")(x))
+            x = Conv3x3x3(features, self.conv_impl, self.dtype, relu=True, name=f"conv{i}")(x)
             x = conv_ops.max_pool(x, self.conv_impl)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3))  # (B, 4w)
         for i in range(2):

@@ -1,4 +1,5 @@
-"""The CPU convolution path equals XLA's native convolution, values and gradients.
+"""The CPU convolution paths (``"cpu"``, ``"onednn"``) equal XLA's native convolution,
+values and gradients.
 
 Every layer shape of the network at small sizes: the 1-channel stem, C -> C and
 2C -> C convs at each level (16^3 .. 2^3, so each formulation is exercised), the
@@ -9,13 +10,17 @@ mislead in float32).
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlssp_jax import conv_ops, cpu_env
+from mlssp_jax import conv_ops, cpu_env, onednn
+from mlssp_jax.errors import InputError
 
 TOLERANCE = 1e-5  # relative L2, float32
 
@@ -35,7 +40,7 @@ CONV3D_CASES = [
     (1, (6, 10, 4), 3, 5),     # non-cubic
 ]
 DOWN_CASES = [(2, (16, 16, 16), 3, 6), (1, (8, 8, 8), 5, 10), (2, (4, 4, 4), 7, 14),
-              (1, (6, 10, 4), 3, 5)]
+              (1, (6, 10, 4), 3, 5), (1, (5, 7, 4), 3, 2)]  # odd sizes: last voxel dropped
 UP_CASES = [(2, (8, 8, 8), 6, 3), (1, (2, 2, 2), 14, 7), (2, (4, 4, 4), 5, 3),
             (1, (3, 5, 2), 3, 5)]
 
@@ -64,9 +69,9 @@ def _relative_l2(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def _assert_cpu_equals_xla(op, x, kernel):
+def _assert_cpu_equals_xla(op, x, kernel, impl="cpu"):
     expected = _value_and_grads(op, x, kernel, "xla")
-    actual = _value_and_grads(op, x, kernel, "cpu")
+    actual = _value_and_grads(op, x, kernel, impl)
     for name, a, e in zip(("output", "d_input", "d_kernel"), actual, expected, strict=True):
         assert a.shape == e.shape and a.dtype == e.dtype, name
         assert _relative_l2(a, e) < TOLERANCE, (name, _relative_l2(a, e))
@@ -76,6 +81,101 @@ def _assert_cpu_equals_xla(op, x, kernel):
 def test_conv3d_cpu_equals_xla(batch, spatial, cin, cout):
     x, kernel = _inputs(batch, spatial, cin, cout, 3)
     _assert_cpu_equals_xla(conv_ops.conv3d, x, kernel)
+
+
+# The package depends on the oneDNN wheels on Linux x86-64 (pyproject.toml): there the
+# oneDNN convolution must build and run; elsewhere it is legitimately absent.
+ONEDNN_EXPECTED = sys.platform.startswith("linux") and platform.machine() == "x86_64"
+needs_onednn = pytest.mark.skipif(not ONEDNN_EXPECTED, reason="oneDNN wheels: Linux x86-64 only")
+
+
+@needs_onednn
+def test_onednn_convolution_builds_here():
+    assert onednn.status().available, onednn.status().reason
+    assert conv_ops.resolve_impl("auto") == "onednn"
+
+
+@needs_onednn
+@pytest.mark.parametrize(("batch", "spatial", "cin", "cout"), CONV3D_CASES)
+def test_conv3d_onednn_equals_xla(batch, spatial, cin, cout):
+    x, kernel = _inputs(batch, spatial, cin, cout, 3)
+    _assert_cpu_equals_xla(conv_ops.conv3d, x, kernel, "onednn")
+
+
+@needs_onednn
+@pytest.mark.parametrize(("batch", "spatial", "cin", "cout"),
+                         [(2, (16, 16, 16), 1, 3), (1, (8, 6, 8), 6, 5), (2, (4, 4, 4), 7, 7)])
+def test_conv3d_bias_relu_onednn_equals_xla(batch, spatial, cin, cout):
+    """The fused conv + bias + ReLU: output and gradients w.r.t. input, kernel and bias."""
+    x, kernel = _inputs(batch, spatial, cin, cout, 3)
+    bias = jnp.linspace(-0.5, 0.5, cout, dtype=jnp.float32)  # some units mostly off
+
+    def value_and_grads(impl):
+        def loss(x, kernel, bias):
+            y = conv_ops.conv3d_bias_relu(x, kernel, bias, impl)
+            return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)), y
+
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(x, kernel, bias)
+        return y, *grads
+
+    expected = value_and_grads("xla")
+    for name, a, e in zip(("output", "d_input", "d_kernel", "d_bias"), value_and_grads("onednn"),
+                          expected, strict=True):
+        assert a.shape == e.shape and _relative_l2(a, e) < TOLERANCE, name
+    assert 0 < int(jnp.count_nonzero(expected[0])) < expected[0].size  # the ReLU clips some
+
+
+@needs_onednn
+@pytest.mark.parametrize("ksize", [1, 2, 5])
+def test_onednn_other_kernel_sizes_equal_xla(ksize):
+    """Any 'SAME' kernel, odd or even (XLA pads an even kernel one more at the end)."""
+    x, kernel = _inputs(1, (6, 7, 5), 3, 4, ksize)
+    _assert_cpu_equals_xla(conv_ops.conv3d, x, kernel, "onednn")
+
+
+@needs_onednn
+def test_onednn_under_vmap_and_bfloat16_fallback():
+    x, kernel = _inputs(2, (6, 6, 6), 3, 4, 3)
+    expected = conv_ops.conv3d(x, kernel, "xla")
+    mapped = jax.vmap(lambda x: conv_ops.conv3d(x[None], kernel, "onednn")[0])(x)
+    assert _relative_l2(mapped, expected) < TOLERANCE
+    # bfloat16 is not a oneDNN dtype here: the "cpu" formulations run it
+    low = conv_ops.conv3d(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), "onednn")
+    assert low.dtype == jnp.bfloat16
+    assert _relative_l2(low.astype(jnp.float32), expected) < 2e-2
+
+
+def test_auto_falls_back_with_several_devices_or_without_onednn(monkeypatch):
+    monkeypatch.setattr(onednn, "status", lambda: onednn.Status(True, "lib.so"))
+    monkeypatch.setattr(jax, "device_count", lambda: 2)  # oneDNN calls do not partition
+    assert conv_ops.resolve_impl("auto") == "cpu"
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert conv_ops.resolve_impl("auto") == "onednn"
+    monkeypatch.setattr(onednn, "status", lambda: onednn.Status(False, "no C++ compiler found"))
+    assert conv_ops.resolve_impl("auto") == "cpu"
+    with pytest.raises(InputError, match="'onednn' cannot run here: no C\\+\\+ compiler"):
+        conv_ops.resolve_impl("onednn")
+
+
+def test_onednn_status_names_what_is_missing(monkeypatch):
+    build = onednn.status.__wrapped__  # uncached: registers nothing when a prerequisite fails
+    monkeypatch.setattr(onednn, "find_onednn", lambda: None)
+    assert build() == onednn.Status(False, onednn.MISSING_ONEDNN)
+    monkeypatch.setattr(onednn, "find_onednn", lambda: onednn.Path("/opt/onednn"))
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert not onednn.buildable()
+    assert build() == onednn.Status(False, onednn.MISSING_COMPILER)
+
+
+@needs_onednn
+def test_failed_compile_reports_and_leaves_no_library(monkeypatch, tmp_path):
+    bad = tmp_path / "bad.cc"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(onednn, "SOURCE", bad)
+    library = tmp_path / "ext" / "lib.so"
+    with pytest.raises(RuntimeError, match="compiling bad.cc failed"):
+        onednn._build(onednn.find_compiler(), onednn.find_onednn(), library)
+    assert list(library.parent.iterdir()) == []
 
 
 # Every formulation on shapes where conv3d itself would pick another one.
@@ -116,27 +216,45 @@ def test_formulation_choice_by_size():
 def test_max_pool_cpu_equals_xla_and_flax(spatial):
     x, _ = _inputs(2, spatial, 3, 1, 1)  # continuous random values: no tied maxima
     expected = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding="SAME")
-    for impl in ("xla", "cpu"):
+    impls = ("xla", "cpu", "onednn") if onednn.available() else ("xla", "cpu")
+    for impl in impls:
         assert jnp.array_equal(conv_ops.max_pool(x, impl), expected), impl
     grads = {impl: jax.grad(lambda x, impl=impl: jnp.sum(jnp.sin(conv_ops.max_pool(x, impl))))(x)
-             for impl in ("xla", "cpu")}
-    assert jnp.array_equal(grads["cpu"], grads["xla"])
+             for impl in impls}
+    for impl in impls:
+        assert jnp.array_equal(grads[impl], grads["xla"]), impl
     assert int(jnp.count_nonzero(grads["cpu"])) == expected.size  # one winner per window
 
 
+CPU_IMPLS = ["cpu", pytest.param("onednn", marks=needs_onednn)]
+
+
+@needs_onednn
+def test_onednn_max_pool_gradient_goes_to_first_maximum_like_xla():
+    """Tied maxima (0/1 inputs, as after a ReLU): oneDNN picks the same winner as XLA."""
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 2, size=(2, 6, 4, 8, 3)), jnp.float32)
+    weights = jnp.arange(1.0, 1.0 + 2 * 3 * 2 * 4 * 3).reshape(2, 3, 2, 4, 3)
+    grads = {impl: jax.grad(lambda x, impl=impl: jnp.sum(conv_ops.max_pool(x, impl) * weights))(x)
+             for impl in ("xla", "onednn")}
+    assert jnp.array_equal(grads["onednn"], grads["xla"])
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize(("batch", "spatial", "cin", "cout"), DOWN_CASES)
-def test_down_conv_cpu_equals_xla(batch, spatial, cin, cout):
+def test_down_conv_cpu_equals_xla(batch, spatial, cin, cout, impl):
     x, kernel = _inputs(batch, spatial, cin, cout, 2)
-    _assert_cpu_equals_xla(conv_ops.down_conv, x, kernel)
+    _assert_cpu_equals_xla(conv_ops.down_conv, x, kernel, impl)
 
 
+@pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize(("batch", "spatial", "cin", "cout"), UP_CASES)
-def test_up_conv_cpu_equals_xla(batch, spatial, cin, cout):
+def test_up_conv_cpu_equals_xla(batch, spatial, cin, cout, impl):
     x, kernel = _inputs(batch, spatial, cin, cout, 2)
-    _assert_cpu_equals_xla(conv_ops.up_conv, x, kernel)
+    _assert_cpu_equals_xla(conv_ops.up_conv, x, kernel, impl)
 
 
-def test_ops_match_flax_layers():
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_ops_match_flax_layers(impl):
     """Same kernels as flax Conv / ConvTranspose(transpose_kernel=False) store them."""
     x, _ = _inputs(1, (8, 8, 8), 3, 4, 3)
     layers = {
@@ -148,13 +266,13 @@ def test_ops_match_flax_layers():
     for op, layer in layers.items():
         params = layer.init(jax.random.key(0), x)
         expected = layer.apply(params, x)
-        actual = op(x, params["params"]["kernel"], "cpu")
+        actual = op(x, params["params"]["kernel"], impl)
         assert _relative_l2(actual, expected) < TOLERANCE, op.__name__
 
 
-def test_auto_is_cpu_on_cpu_backend():
+def test_auto_is_a_cpu_path_on_cpu_backend():
     assert jax.default_backend() == "cpu"
-    assert conv_ops.resolve_impl("auto") == "cpu"
+    assert conv_ops.resolve_impl("auto") == ("onednn" if onednn.available() else "cpu")
     assert conv_ops.resolve_impl("xla") == "xla"
 
 
@@ -183,6 +301,7 @@ def test_cpu_tuning_opt_out_and_accelerators(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert not cpu_env.configure_environment()
     monkeypatch.delenv(cpu_env.OPT_OUT_VAR)
+    assert not cpu_env.configure_environment(xla_convs=False)  # oneDNN runs the convs
     monkeypatch.setenv("JAX_PLATFORMS", "tpu")
     assert not cpu_env.configure_environment()
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
