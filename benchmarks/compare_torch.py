@@ -13,7 +13,10 @@ peak for MFU. PyTorch is an optional benchmark dependency (``pip install -e .[be
 
 ``--impl`` lists JAX conv implementations (config ``model.conv_impl``); the first one is
 the one in the ratio. The last line printed is ``ratio R``, R = JAX volumes/s / best
-PyTorch volumes/s.
+PyTorch volumes/s. All implementations share this process's ``XLA_FLAGS``, which
+:mod:`mlssp_jax.cpu_env` sets for the 2-D formulations only when oneDNN cannot run; to time
+``--impl cpu`` as it runs when it is the fallback, set them yourself:
+``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce``.
 """
 
 from __future__ import annotations
@@ -221,7 +224,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--impl", default="auto",
-                        help="comma-separated JAX conv impls (auto, cpu, xla); first is in ratio")
+                        help="comma-separated JAX conv impls (auto, onednn, cpu, xla); "
+                             "the first is in the ratio")
     parser.add_argument("--formats", default="ncdhw,cl3d",
                         help="PyTorch variants: ncdhw, cl3d (channels_last_3d), compile")
     parser.add_argument("--layers", action="store_true", help="also print the per-layer table")

@@ -15,8 +15,8 @@ from mlssp_jax import config, models
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tiny training config: VOI 16^3, width 4, global batch 4, lr 1e-3, and the default
-# conv_impl ("auto": on CPU, 2-D formulations at 16^3 and XLA's conv below, see
-# conv_ops.conv3d_formulation).
+# conv_impl ("auto": on one CPU device oneDNN, on several the 2-D formulations, see
+# conv_ops.resolve_impl).
 TINY_CONFIG = """
 [data]
 voi_size = 16
