@@ -34,6 +34,7 @@ so every implementation reads the same parameters and checkpoints.
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,7 @@ from mlssp_jax import cpu_env, onednn
 from mlssp_jax.config import CONV_IMPLS
 from mlssp_jax.errors import InputError
 
+log = logging.getLogger(__name__)
 cpu_env.configure_environment(xla_convs=not onednn.buildable())
 
 _DIMS = ("NDHWC", "DHWIO", "NDHWC")
@@ -75,12 +77,22 @@ def resolve_impl(impl: str) -> str:
     if impl == "auto":
         if jax.default_backend() != "cpu":
             return "xla"
-        return "onednn" if jax.device_count() == 1 and onednn.available() else "cpu"
+        if jax.device_count() > 1:
+            return "cpu"
+        if not onednn.available():
+            _log_fallback_once(onednn.status().reason)
+            return "cpu"
+        return "onednn"
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv impl {impl!r}")
     if impl == "onednn" and not onednn.available():
         raise InputError(f"model.conv_impl = 'onednn' cannot run here: {onednn.status().reason}")
     return impl
+
+
+@functools.cache
+def _log_fallback_once(reason: str) -> None:
+    log.info("conv_impl 'auto' uses the 2-D formulations (slower on CPU): %s", reason)
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
