@@ -90,6 +90,11 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+def _runs_on_onednn(impl: str, *arrays: jax.Array) -> bool:
+    """Whether a resolved ``impl`` sends these operands to oneDNN (float32 only)."""
+    return impl == "onednn" and all(a.dtype == jnp.float32 for a in arrays)
+
+
 @functools.cache
 def _log_fallback_once(reason: str) -> None:
     log.info("conv_impl 'auto' uses the 2-D formulations (slower on CPU): %s", reason)
@@ -103,7 +108,7 @@ def conv3d(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
     native conv.
     """
     impl = resolve_impl(impl)
-    if impl == "onednn" and x.dtype == kernel.dtype == jnp.float32:
+    if _runs_on_onednn(impl, x, kernel):
         return onednn.conv3d(x, kernel)
     if impl == "xla" or kernel.shape[:3] != (3, 3, 3):
         return _conv3d_native(x, kernel)
@@ -115,7 +120,7 @@ def conv3d_bias_relu(x: jax.Array, kernel: jax.Array, bias: jax.Array,
     """``relu(conv3d(x, kernel) + bias)``; bias (Cout,). ``"onednn"`` fuses the three into one
     pass (float32); the other implementations compute them in turn (XLA fuses bias + ReLU)."""
     impl = resolve_impl(impl)
-    if impl == "onednn" and x.dtype == kernel.dtype == bias.dtype == jnp.float32:
+    if _runs_on_onednn(impl, x, kernel, bias):
         return onednn.conv3d_bias_relu(x, kernel, bias)
     return jax.nn.relu(conv3d(x, kernel, impl) + bias)
 
@@ -125,8 +130,8 @@ def down_conv(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
     impl = resolve_impl(impl)
     if impl == "xla":
         return lax.conv_general_dilated(x, kernel, (2, 2, 2), "VALID", dimension_numbers=_DIMS)
-    if impl == "onednn" and x.dtype == kernel.dtype == jnp.float32:
-        b, d, h, w, _ = x.shape
+    if _runs_on_onednn(impl, x, kernel):
+        _, d, h, w, _ = x.shape
         return onednn.conv3d(x[:, : d // 2 * 2, : h // 2 * 2, : w // 2 * 2], kernel, 2)
     return _down_conv_matmul(x, kernel)
 
@@ -140,7 +145,7 @@ def up_conv(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
     impl = resolve_impl(impl)
     if impl == "xla":
         return lax.conv_transpose(x, kernel, (2, 2, 2), "SAME", dimension_numbers=_DIMS)
-    if impl == "onednn" and x.dtype == kernel.dtype == jnp.float32:
+    if _runs_on_onednn(impl, x, kernel):
         # out[2i+a] = x[i] @ kernel[1-a]: the transpose of a stride-2 conv whose kernel is
         # the flipped one with Cin and Cout swapped.
         flipped = kernel[::-1, ::-1, ::-1].transpose(0, 1, 2, 4, 3)
@@ -162,7 +167,7 @@ def max_pool(x: jax.Array, impl: str = "auto") -> jax.Array:
     window = (1, 2, 2, 2, 1)
     if impl == "xla":
         return lax.reduce_window(x, -jnp.inf, lax.max, window, window, "SAME")
-    if impl == "onednn" and x.dtype == jnp.float32:
+    if _runs_on_onednn(impl, x):
         return onednn.max_pool(x, 2)
     b, d, h, w, c = x.shape
     pads = [(0, 0)] + [(0, n % 2) for n in (d, h, w)] + [(0, 0)]

@@ -132,24 +132,30 @@ def _build(compiler: str, onednn: Path, library: Path) -> None:
             os.unlink(tmp)
 
 
+def _missing_prerequisite() -> str | None:
+    """Why the library cannot be built here (not Linux, no oneDNN, no compiler), or None."""
+    if not sys.platform.startswith("linux"):
+        return f"the oneDNN convolution is built for Linux only, not {sys.platform}"
+    if find_onednn() is None:
+        return MISSING_ONEDNN
+    if find_compiler() is None:
+        return MISSING_COMPILER
+    return None
+
+
 def buildable() -> bool:
     """Whether the prerequisites are here (Linux, oneDNN, a compiler); cheap, and does not
     start JAX's backend, so it can decide settings that must precede it."""
-    return sys.platform.startswith("linux") and find_onednn() is not None \
-        and find_compiler() is not None
+    return _missing_prerequisite() is None
 
 
 @functools.cache
 def status() -> Status:
     """Build (if not cached), load and register the FFI handlers once per process."""
-    if not sys.platform.startswith("linux"):
-        return Status(False, f"the oneDNN convolution is built for Linux only, not {sys.platform}")
-    onednn = find_onednn()
-    if onednn is None:
-        return Status(False, MISSING_ONEDNN)
-    compiler = find_compiler()
-    if compiler is None:
-        return Status(False, MISSING_COMPILER)
+    missing = _missing_prerequisite()
+    if missing is not None:
+        return Status(False, missing)
+    onednn, compiler = find_onednn(), find_compiler()
     try:
         library = _library_path(compiler, onednn)
         if not library.exists():

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from mlssp_jax import (
     checkpointing,
+    conv_ops,
     input_pipeline,
     losses,
     manifest,
@@ -432,6 +433,7 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
     """
     workdir = Path(workdir)
     fold_dir = workdir / f"fold_{fold}"
+    conv_ops.resolve_impl(config.model.conv_impl)  # an impl that cannot run here: fail now
     data = load_fold_data(config, workdir, fold)  # validates the data before writing anything
     write_run_config(config, workdir)
     mesh = parallel.make_mesh()

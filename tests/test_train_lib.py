@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import struct
 
+from mlssp_jax import cli, input_pipeline, onednn, parallel, preprocess, train, train_lib
 from mlssp_jax import config as config_lib
-from mlssp_jax import input_pipeline, parallel, preprocess, train, train_lib
 
 
 def test_learning_rate_decays_five_percent_per_epoch_not_per_step():
@@ -52,6 +52,17 @@ def test_train_command_reports_divergence_as_one_error_line(monkeypatch, capsys,
     assert train.main(["--fold", "0", "--workdir", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: loss is nan at step 8 (epoch 2); the last good checkpoint")
+
+
+def test_conv_impl_that_cannot_run_fails_before_writing_anything(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(onednn, "status", lambda: onednn.Status(False, "no C++ compiler found"))
+    workdir = tmp_path / "run"
+    argv = ["--fold", "0", "--workdir", str(workdir), "--set", 'model.conv_impl="onednn"']
+    assert cli.run_command(train.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: model.conv_impl = 'onednn' cannot run here: "
+                       "no C++ compiler found")
+    assert not workdir.exists()
 
 
 class Stop(Exception):
