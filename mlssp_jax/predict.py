@@ -11,22 +11,24 @@ back (trilinear probability, then threshold) to the scan's own grid and affine. 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
-from scipy import ndimage
 from tqdm import tqdm
 
 from mlssp_jax import (
     checkpointing,
     cli,
     cpu_env,
+    ensemble,
     inference,
     models,
     nifti,
     preprocess,
-    train_lib,
 )
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
@@ -36,7 +38,8 @@ log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DEFAULT_OVERLAP = 0.5
-DEFAULT_BATCH = 2
+DEFAULT_BATCH = 4
+DEFAULT_WINDOW_FACTOR = 2  # default window: 2 x the training VOI (see README)
 
 
 def finished_folds(workdir: Path, num_folds: int) -> list[int]:
@@ -44,9 +47,10 @@ def finished_folds(workdir: Path, num_folds: int) -> list[int]:
     return [k for k in range(num_folds) if (workdir / f"fold_{k}" / "eval.json").is_file()]
 
 
-def load_ensemble(workdir: Path, fold: int | None = None
-                  ) -> tuple[config_lib.Config, list[int], inference.PredictFn]:
-    """The run's config, the folds used and one predict_fn averaging their best checkpoints."""
+def load_ensemble(workdir: Path, fold: int | None = None, tta: str = "none"
+                  ) -> tuple[config_lib.Config, list[int], ensemble.Ensemble]:
+    """The run's config, the folds used and their best checkpoints stacked into one
+    :class:`~mlssp_jax.ensemble.Ensemble` (every fold in one compiled call; ``tta`` views)."""
     cfg = config_lib.load(workdir / "config.toml")
     if not models.has_tasks(cfg.model.name)[0]:
         raise InputError(f"{workdir}: model '{cfg.model.name}' has no segmentation branch")
@@ -57,46 +61,11 @@ def load_ensemble(workdir: Path, fold: int | None = None
         done = [fold]
     if not done:
         raise InputError(f"{workdir}: no finished fold (no fold_K/eval.json)")
-    apply = train_lib.make_predict_fn(cfg)
-    fns = [_numpy_fn(apply, checkpointing.restore_best_params(workdir, k)[0]) for k in done]
-    return cfg, done, inference.ensemble(fns)
+    params = [checkpointing.restore_best_params(workdir, k)[0] for k in done]
+    return cfg, done, ensemble.make_ensemble(cfg.model, params, tta)
 
 
-def _numpy_fn(apply, params) -> inference.PredictFn:
-    """Bind parameters; return numpy outputs (None for a task the model lacks)."""
-    def predict(images: np.ndarray) -> dict:
-        out = apply(params, images)
-        return {key: None if value is None else np.asarray(value) for key, value in out.items()}
-    return predict
-
-
-def brain_box(brain: np.ndarray, window: int) -> tuple[slice, ...]:
-    """Slices of the brain's bounding box, grown to at least ``window`` voxels per axis."""
-    if not brain.any():
-        return tuple(slice(0, s) for s in brain.shape)
-    box = []
-    for axis, size in enumerate(brain.shape):
-        hits = np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo, hi = int(hits[0]), int(hits[-1]) + 1
-        grow = max(0, window - (hi - lo))
-        lo = max(0, lo - grow // 2)
-        box.append(slice(lo, min(size, max(hi, lo + window))))
-    return tuple(box)
-
-
-def resample_to_input(prob: np.ndarray, prob_affine: np.ndarray, input_affine: np.ndarray,
-                      input_shape: Sequence[int], threshold: float) -> np.ndarray:
-    """Binary mask (uint8) on the input's grid from a probability volume on the model's grid.
-
-    ``prob_affine`` maps a ``prob`` index to world mm, ``input_affine`` an input index to world
-    mm; each input voxel centre takes the trilinearly interpolated probability (0 outside
-    ``prob``), thresholded at ``threshold``.
-    """
-    index_map = np.linalg.inv(prob_affine) @ input_affine  # input index -> prob index
-    moved = ndimage.affine_transform(prob.astype(np.float32), index_map[:3, :3], index_map[:3, 3],
-                                     output_shape=tuple(input_shape), order=1, mode="constant",
-                                     cval=0.0)
-    return (moved >= threshold).astype(np.uint8)
+resample_to_input = inference.resample_mask
 
 
 def voxel_volume_ml(affine: np.ndarray) -> float:
@@ -104,23 +73,52 @@ def voxel_volume_ml(affine: np.ndarray) -> float:
     return abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
 
 
-def predict_scan(image: nifti.Volume, predict_fn: inference.PredictFn, cfg: config_lib.Config,
-                 overlap: float = DEFAULT_OVERLAP, batch_size: int = DEFAULT_BATCH,
-                 tta: bool = False) -> dict:
-    """Mask (uint8, the input's shape), ``volume_ml`` and ``avm_probability`` of one scan."""
+def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.PredictFn,
+                 cfg: config_lib.Config, overlap: float = DEFAULT_OVERLAP,
+                 batch_size: int = DEFAULT_BATCH, window: int | None = None,
+                 gaussian: bool = True, timings: dict | None = None) -> dict:
+    """Mask (uint8, the input's shape), ``volume_ml`` and ``avm_probability`` of one scan.
+
+    ``model``: an Ensemble (its ``windows`` call for the sliding windows, ``voi`` for the
+    classification VOI) or one predict_fn for both. ``window``: the sliding window's edge in
+    voxels (default: the training VOI). ``timings``, if given, receives the wall seconds of
+    ``preprocess``, ``windows``, ``classify`` and ``resample``.
+    """
+    windows_fn, voi_fn = ((model.windows, model.voi) if isinstance(model, ensemble.Ensemble)
+                          else (model, model))
+    clock = _Clock(timings)
     pre = preprocess.preprocess_volume(image, None, cfg.data)
-    window, threshold = cfg.data.voi_size, cfg.train.threshold
-    box = brain_box(pre["brain"], window)
+    clock.lap("preprocess")
+    window, threshold = window or cfg.data.voi_size, cfg.train.threshold
+    box = inference.brain_box(pre["brain"], window)
     prob = np.zeros(pre["image"].shape, np.float32)
-    prob[box] = inference.sliding_window_predict(pre["image"][box], predict_fn, window, overlap,
-                                                 batch_size, tta, progress=True)
-    avm_probability, centre = inference.classify(pre["image"], prob, predict_fn, window,
-                                                 threshold, batch_size)
-    mask = resample_to_input(prob, pre["affine"], image.affine, image.data.shape, threshold)
+    prob[box] = inference.sliding_window_predict(
+        pre["image"][box], windows_fn, window, overlap, batch_size, progress=True,
+        brain=pre["brain"][box], gaussian=gaussian)
+    clock.lap("windows")
+    avm_probability, centre = inference.classify(pre["image"], prob, voi_fn, cfg.data.voi_size,
+                                                 threshold)
+    clock.lap("classify")
+    mask = inference.resample_mask(prob, pre["affine"], image.affine, image.data.shape,
+                                   threshold)
+    clock.lap("resample")
     return {"mask": mask, "volume_ml": float(mask.sum()) * voxel_volume_ml(image.affine),
             "avm_probability": avm_probability,
             "label": None if avm_probability is None else int(avm_probability >= threshold),
             "voi_centre_mm": (pre["affine"] @ np.append(centre, 1.0))[:3].round(1).tolist()}
+
+
+class _Clock:
+    """Wall seconds between successive ``lap(name)`` calls, written into ``timings``."""
+
+    def __init__(self, timings: dict | None):
+        self.timings, self.last = timings, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[name] = now - self.last
+        self.last = now
 
 
 def scan_paths(items: Sequence[Path]) -> list[Path]:
@@ -162,11 +160,30 @@ def _parser() -> cli.ArgumentParser:
                         help="NIfTI scans, or directories of them")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output directory")
     parser.add_argument("--fold", type=int, default=None, help="use this fold only")
-    parser.add_argument("--tta", action="store_true", help="average over the 48 cube symmetries")
+    parser.add_argument("--tta", nargs="?", const="all", default="none",
+                        choices=sorted(ensemble.TTA_MODES),
+                        help="test-time augmentation: none (default), flips (the 8 mirrorings, "
+                             "8x the windows' compute) or all (the 48 cube symmetries, 48x); "
+                             "--tta alone means all")
+    parser.add_argument("--window", type=int, default=None,
+                        help=f"sliding-window edge in voxels, a multiple of 16 (default: "
+                             f"{DEFAULT_WINDOW_FACTOR} x the training VOI)")
     parser.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP,
                         help="sliding-window overlap in [0, 1)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="windows per batch")
+    parser.add_argument("--no-gaussian", action="store_true",
+                        help="average overlapping windows uniformly, not Gaussian-weighted")
     return parser
+
+
+def use_compilation_cache() -> None:
+    """Keep XLA's compiled programs in ``$MLSSP_JAX_CACHE/jax_cache`` (default
+    ``~/.cache/mlssp_jax/jax_cache``; JAX_COMPILATION_CACHE_DIR, if set, wins), so a second
+    ``predict`` with the same model, window and batch does not compile again."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    root = os.environ.get("MLSSP_JAX_CACHE") or Path.home() / ".cache" / "mlssp_jax"
+    jax.config.update("jax_compilation_cache_dir", str(Path(root) / "jax_cache"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,17 +193,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError(f"--overlap: must be in [0, 1), got {args.overlap}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    if args.window is not None and (args.window < 16 or args.window % 16):
+        raise InputError(f"--window: must be a positive multiple of 16, got {args.window}")
     paths = scan_paths(args.image)
-    cfg, folds, predict_fn = load_ensemble(args.workdir, args.fold)
+    use_compilation_cache()
+    cfg, folds, model = load_ensemble(args.workdir, args.fold, args.tta)
+    window = args.window or DEFAULT_WINDOW_FACTOR * cfg.data.voi_size
     info = {"model": cfg.model.name, "folds": folds, "threshold": cfg.train.threshold,
-            "tta": args.tta, "overlap": args.overlap}
+            "tta": args.tta, "overlap": args.overlap, "window": window}
     for path in tqdm(paths, desc="predict", unit="scan"):
+        start = time.perf_counter()
         image = nifti.load_image(path)
-        result = predict_scan(image, predict_fn, cfg, args.overlap,
-                              args.batch_size, args.tta)
+        timings = {"load": time.perf_counter() - start}
+        result = predict_scan(image, model, cfg, args.overlap, args.batch_size, window,
+                              not args.no_gaussian, timings)
+        start = time.perf_counter()
         write_outputs(args.out, path, image, result, info)
+        timings["write"] = time.perf_counter() - start
         log.info("%s: %.2f mL, AVM probability %s", path.name, result["volume_ml"],
                  result["avm_probability"])
+        log.info("%s: seconds %s", path.name,
+                 " / ".join(f"{k} {v:.2f}" for k, v in timings.items()))
     return 0
 
 
