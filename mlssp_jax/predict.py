@@ -1,11 +1,15 @@
 """Segment and classify whole scans never seen in training (``python -m mlssp_jax.predict``).
 
 ``python -m mlssp_jax.predict --workdir W --image SCAN [SCAN ...|DIR] [--out O] [--fold K]
-[--tta]``: each scan is preprocessed as in training (no mask), segmented by Gaussian-weighted
-sliding windows over the brain with the ensemble of the run's finished folds (or fold K),
+[--tta [none|flips|all]] [--window S] [--overlap F] [--batch-size B] [--no-gaussian]``: each
+scan is preprocessed as in training (no mask), segmented by Gaussian-weighted sliding windows
+over the brain (only windows holding a brain voxel) with the ensemble of the run's finished
+folds (or fold K; every fold and TTA view in one compiled call per batch of windows),
 classified from the VOI centred on the largest predicted lesion, and its mask resampled
 back (trilinear probability, then threshold) to the scan's own grid and affine. Writes
-``O/<name>_mask.nii.gz`` (the scan's shape and affine) and ``O/<name>.json``.
+``O/<name>_mask.nii.gz`` (the scan's shape and affine) and ``O/<name>.json``; logs each
+scan's wall seconds (load / preprocess / windows / classify / resample / write). Compiled
+programs are cached under ``$MLSSP_JAX_CACHE/jax_cache``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DEFAULT_OVERLAP = 0.5
 DEFAULT_BATCH = 4
-DEFAULT_WINDOW_FACTOR = 2  # default window: 2 x the training VOI (see README)
 
 
 def finished_folds(workdir: Path, num_folds: int) -> list[int]:
@@ -166,8 +169,9 @@ def _parser() -> cli.ArgumentParser:
                              "8x the windows' compute) or all (the 48 cube symmetries, 48x); "
                              "--tta alone means all")
     parser.add_argument("--window", type=int, default=None,
-                        help=f"sliding-window edge in voxels, a multiple of 16 (default: "
-                             f"{DEFAULT_WINDOW_FACTOR} x the training VOI)")
+                        help="sliding-window edge in voxels, a multiple of 16 (default: the "
+                             "training VOI; larger windows change a quick model's masks, see "
+                             "README)")
     parser.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP,
                         help="sliding-window overlap in [0, 1)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="windows per batch")
@@ -198,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = scan_paths(args.image)
     use_compilation_cache()
     cfg, folds, model = load_ensemble(args.workdir, args.fold, args.tta)
-    window = args.window or DEFAULT_WINDOW_FACTOR * cfg.data.voi_size
+    window = args.window or cfg.data.voi_size
     info = {"model": cfg.model.name, "folds": folds, "threshold": cfg.train.threshold,
             "tta": args.tta, "overlap": args.overlap, "window": window}
     for path in tqdm(paths, desc="predict", unit="scan"):

@@ -130,9 +130,9 @@ def resample(data: np.ndarray, affine: np.ndarray, out_affine: np.ndarray,
     One ``ndimage.affine_transform`` with the composed map ``inv(affine) @ out_affine``, or,
     when that map is diagonal (the grids' axes parallel: no rotation, no axis swap), the same
     trilinear interpolation as three 1-D passes (:func:`_resample_axis`; 2.9x faster on a
-    512x512x37 scan, equal to float32 rounding). Up to half a voxel beyond the input's edge the edge value is used (the
-    voxel's extent); outside the field of view (``fov``, default :func:`field_of_view`) the
-    value is ``cval``. Returns float32.
+    512x512x37 scan, equal to float32 rounding). Up to half a voxel beyond the input's edge
+    the edge value is used (the voxel's extent); outside the field of view (``fov``, default
+    :func:`field_of_view`) the value is ``cval``. Returns float32.
     """
     to_input = np.linalg.inv(affine) @ out_affine
     linear = to_input[:3, :3]
