@@ -3,9 +3,10 @@
 Every fold of a run has the same architecture, so their parameter trees are stacked into one
 tree whose leaves carry a leading fold axis ``(F, ...)``; one jitted function maps the network
 over that axis (:func:`jax.vmap`) and averages the probabilities on the device. Test-time
-augmentation (TTA) runs inside the same call: a ``fori_loop`` over the chosen cube
-symmetries, each view made and undone on the device (:func:`jax.lax.switch` over
-transposes and flips), so the network is traced once whatever the number of views.
+augmentation (TTA) runs inside the same call, each view made and undone on the device: the
+8 mirrorings of a batch of B windows go through the network as one batch of 8B, and the 48
+symmetries are a ``fori_loop`` over the 6 axis permutations (:func:`jax.lax.switch` over
+transposes) of those 8, so the network is traced once whatever the number of views.
 
 TTA modes (:data:`TTA_MODES`): ``"none"``; ``"flips"``, the 8 mirrorings along any subset
 of the three axes (nnU-Net's test-time mirroring); ``"all"``, the 48 cube symmetries
@@ -57,22 +58,34 @@ def unview(windows: jax.Array, index: int) -> jax.Array:
     return jnp.transpose(back, (0, *(1 + int(a) for a in np.argsort(perm))))
 
 
+def _flips_mean(seg_fn: Any, windows: jax.Array) -> jax.Array:
+    """Mean of the 8 mirrorings, undone: the 8 views go through ``seg_fn`` as one batch (8B)."""
+    flips = augment.NUM_SYMMETRIES // 6  # indices 0..7: identity permutation, every flip
+    out = seg_fn(jnp.concatenate([view(windows, k) for k in range(flips)]))
+    return sum(unview(part, k) for k, part in enumerate(jnp.split(out, flips))) / flips
+
+
 def tta_mean(seg_fn: Any, windows: jax.Array, tta: str) -> jax.Array:
     """Mean over the ``tta`` views of ``unview(seg_fn(view(windows)))``; windows (B, S, S, S).
 
-    ``seg_fn`` maps (B, S, S, S) to (B, S, S, S) and is traced once (a ``fori_loop`` body).
+    ``seg_fn`` maps (B', S, S, S) to (B', S, S, S) for any B'. The 8 mirrorings of a batch
+    are one call of batch 8B (one large call is faster than 8 small ones); ``"all"`` loops
+    (``fori_loop``, ``seg_fn`` traced once) over the 6 axis permutations, each with its 8
+    mirrorings: symmetry ``8 p + f`` is mirroring ``f`` after permutation ``p``.
     """
     count = TTA_MODES[tta]
     if count == 1:
         return seg_fn(windows)
-    forwards = [functools.partial(view, index=k) for k in range(count)]
-    backwards = [functools.partial(unview, index=k) for k in range(count)]
+    if count == 8:
+        return _flips_mean(seg_fn, windows)
+    perms = [functools.partial(view, index=8 * p) for p in range(count // 8)]
+    unperms = [functools.partial(unview, index=8 * p) for p in range(count // 8)]
 
-    def body(k, total):
-        moved = jax.lax.switch(k, forwards, windows)
-        return total + jax.lax.switch(k, backwards, seg_fn(moved))
+    def body(p, total):
+        moved = jax.lax.switch(p, perms, windows)
+        return total + jax.lax.switch(p, unperms, _flips_mean(seg_fn, moved))
 
-    return jax.lax.fori_loop(0, count, body, jnp.zeros_like(windows)) / count
+    return jax.lax.fori_loop(0, len(perms), body, jnp.zeros_like(windows)) / len(perms)
 
 
 @functools.lru_cache(maxsize=8)
