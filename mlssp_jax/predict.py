@@ -84,8 +84,9 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
 
     ``model``: an Ensemble (its ``windows`` call for the sliding windows, ``voi`` for the
     classification VOI) or one predict_fn for both. ``window``: the sliding window's edge in
-    voxels (default: the training VOI). ``timings``, if given, receives the wall seconds of
-    ``preprocess``, ``windows``, ``classify`` and ``resample``.
+    voxels (default: the training VOI). ``timings``, if given, receives ``(wall s, CPU s)``
+    of ``preprocess``, ``windows``, ``classify`` and ``resample`` (CPU: this process's
+    threads, a load-independent measure on a shared machine).
     """
     windows_fn, voi_fn = ((model.windows, model.voi) if isinstance(model, ensemble.Ensemble)
                           else (model, model))
@@ -112,15 +113,15 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
 
 
 class _Clock:
-    """Wall seconds between successive ``lap(name)`` calls, written into ``timings``."""
+    """(wall s, CPU s) between successive ``lap(name)`` calls, written into ``timings``."""
 
     def __init__(self, timings: dict | None):
-        self.timings, self.last = timings, time.perf_counter()
+        self.timings, self.last = timings, (time.perf_counter(), time.process_time())
 
     def lap(self, name: str) -> None:
-        now = time.perf_counter()
+        now = (time.perf_counter(), time.process_time())
         if self.timings is not None:
-            self.timings[name] = now - self.last
+            self.timings[name] = (now[0] - self.last[0], now[1] - self.last[1])
         self.last = now
 
 
@@ -206,18 +207,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = {"model": cfg.model.name, "folds": folds, "threshold": cfg.train.threshold,
             "tta": args.tta, "overlap": args.overlap, "window": window}
     for path in tqdm(paths, desc="predict", unit="scan"):
-        start = time.perf_counter()
+        timings: dict = {}
+        clock = _Clock(timings)
         image = nifti.load_image(path)
-        timings = {"load": time.perf_counter() - start}
+        clock.lap("load")
         result = predict_scan(image, model, cfg, args.overlap, args.batch_size, window,
                               not args.no_gaussian, timings)
-        start = time.perf_counter()
+        clock = _Clock(timings)
         write_outputs(args.out, path, image, result, info)
-        timings["write"] = time.perf_counter() - start
+        clock.lap("write")
         log.info("%s: %.2f mL, AVM probability %s", path.name, result["volume_ml"],
                  result["avm_probability"])
-        log.info("%s: seconds %s", path.name,
-                 " / ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+        log.info("%s: wall s %s (CPU s %s)", path.name,
+                 " / ".join(f"{k} {v[0]:.2f}" for k, v in timings.items()),
+                 " / ".join(f"{v[1]:.2f}" for v in timings.values()))
     return 0
 
 
