@@ -1,0 +1,119 @@
+"""``O/<name>_overlay.png``: a few axial slices of a scan with its predicted lesion outlined.
+
+Slices are drawn on the input's own grid (no resampling): the voxel axis closest to world z
+is axial (:func:`measurements.axial_axis`), each slice shown in radiological convention
+(patient's right on the left, anterior up) with the pixel aspect of its spacing, CT window
+``WINDOW_HU``. The slices are spread over the lesion's extent (through the middle of the
+scan if nothing was found), the ABC/2 slice among them with A and B drawn. The title gives
+the voxel volume, ABC/2 and their difference, and the AVM probability and label.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mlssp_jax import measurements  # noqa: E402
+from mlssp_jax.fileio import atomic_path  # noqa: E402
+
+WINDOW_HU = (0.0, 100.0)
+PANELS = 4
+PANEL_INCHES = 3.2
+DPI = 100
+LABEL_NAMES = {0: "other", 1: "AVM"}
+
+
+def figure_size_px() -> tuple[int, int]:
+    """``(width, height)`` of the PNG in pixels."""
+    return int(PANELS * PANEL_INCHES * DPI), int((PANEL_INCHES + 0.6) * DPI)
+
+
+def pick_slices(mask: np.ndarray, axis: int, anchor: int | None) -> list[int]:
+    """Up to ``PANELS`` slice indices along ``axis`` spread over the lesion, ``anchor`` included."""
+    with_lesion = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+    if with_lesion.size == 0:
+        n = mask.shape[axis]
+        return sorted({int(round(x)) for x in np.linspace(0.3 * n, 0.7 * n, PANELS)})
+    spread = np.linspace(with_lesion[0], with_lesion[-1], PANELS + 2)[1:-1]
+    picks = {int(with_lesion[np.argmin(np.abs(with_lesion - s))]) for s in spread}
+    if anchor is not None:
+        picks.discard(min(picks, key=lambda s: abs(s - anchor)))
+        picks.add(anchor)
+    return sorted(picks)
+
+
+def _display(affine: np.ndarray, axis: int) -> tuple[int, int, bool, bool, float]:
+    """How to show a slice: (row axis, column axis, flip rows, flip columns, aspect)."""
+    plane = [a for a in range(3) if a != axis]
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    col = max(plane, key=lambda a: abs(directions[0, a]))  # closest to x: left-right
+    row = plane[0] if col == plane[1] else plane[1]
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    # radiological: +x (patient's right) on the left, +y (anterior) at the top
+    return row, col, directions[1, row] > 0, directions[0, col] > 0, spacing[row] / spacing[col]
+
+
+def _oriented(plane_2d: np.ndarray, plane_axes: list[int], row: int, flip_r: bool,
+              flip_c: bool) -> np.ndarray:
+    shown = plane_2d if plane_axes[0] == row else plane_2d.T
+    return shown[::-1 if flip_r else 1, ::-1 if flip_c else 1]
+
+
+def _to_display(ends: np.ndarray, plane_axes: list[int], row: int, shape: tuple[int, int],
+                flip_r: bool, flip_c: bool) -> tuple[np.ndarray, np.ndarray]:
+    """x (column) and y (row) display coordinates of points given in (plane[0], plane[1])."""
+    r, c = (ends[:, 0], ends[:, 1]) if plane_axes[0] == row else (ends[:, 1], ends[:, 0])
+    r = shape[0] - 1 - r if flip_r else r
+    c = shape[1] - 1 - c if flip_c else c
+    return c, r
+
+
+def _title(name: str, result: dict, abc: measurements.ABC2 | None) -> str:
+    volume = result["volume_ml"]
+    text = f"{name}: lesion {volume:.1f} mL"
+    if abc is not None:
+        text += (f", ABC/2 {abc.volume_ml:.1f} mL (difference {abc.volume_ml - volume:+.1f} mL;"
+                 f" A {abc.a_mm:.0f}, B {abc.b_mm:.0f}, C {abc.c_mm:.0f} mm)")
+    prob = result.get("avm_probability")
+    if prob is not None:
+        text += f"\nAVM probability {prob:.2f}: {LABEL_NAMES[int(result['label'])]}"
+    return text
+
+
+def write_overlay(path, image_hu: np.ndarray, affine: np.ndarray, mask: np.ndarray,
+                  result: dict, abc: measurements.ABC2 | None, name: str) -> None:
+    """Write the overlay PNG (``figure_size_px()``) atomically.
+
+    ``image_hu`` and ``mask`` are ``(I, J, K)`` on the grid of ``affine``; ``result`` has
+    ``volume_ml``, ``avm_probability`` and ``label``; ``abc`` the ABC/2 measurement or None.
+    """
+    axis = measurements.axial_axis(affine)
+    plane = [a for a in range(3) if a != axis]
+    row, _, flip_r, flip_c, aspect = _display(affine, axis)
+    picks = pick_slices(mask, axis, None if abc is None else abc.slice_index)
+    width, height = figure_size_px()
+    fig, axes = plt.subplots(1, PANELS, figsize=(width / DPI, height / DPI), dpi=DPI,
+                             facecolor="black")
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, index in zip(axes, picks, strict=False):
+        shown = _oriented(np.take(image_hu, index, axis=axis), plane, row, flip_r, flip_c)
+        lesion = _oriented(np.take(mask, index, axis=axis), plane, row, flip_r, flip_c)
+        ax.imshow(shown, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=aspect,
+                  interpolation="nearest")
+        if lesion.any():
+            ax.contour(lesion.astype(np.float32), levels=[0.5], colors="red", linewidths=0.8)
+        if abc is not None and index == abc.slice_index:
+            for ends, colour in ((abc.a_ends, "yellow"), (abc.b_ends, "cyan")):
+                x, y = _to_display(ends, plane, row, shown.shape, flip_r, flip_c)
+                ax.plot(x, y, color=colour, linewidth=0.8)
+        ax.set_title(f"slice {index}", color="white", fontsize=8)
+    fig.suptitle(_title(name, result, abc), color="white", fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.80, wspace=0.03)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, facecolor="black", format="png")
+    plt.close(fig)
