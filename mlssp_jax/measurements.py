@@ -10,7 +10,9 @@ parallelogram of the grid, so anisotropic and oblique grids are exact), searched
 ``ANGLES`` directions in the slice plane. C counts every slice with lesion (the common
 practice, and what :func:`abc2` uses by default); ``weighted=True`` applies Kothari's rule
 instead: slices with at least 75% of the largest area count 1, 25-75% count 0.5, fewer 0.
-The axial slices are those of the voxel axis closest to world z (superior).
+The axial slices are those of the voxel axis closest to world z (superior). Only the
+largest 26-connected lesion is measured, as a clinician measures the hematoma, not every
+speck a segmentation marks.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from mlssp_jax.inference import largest_component
 
 ANGLES = 360  # directions searched over [0, 180) degrees for the largest diameter
 FULL_SLICE, HALF_SLICE = 0.75, 0.25  # Kothari's weighting thresholds (fraction of the max area)
@@ -100,11 +104,12 @@ def _plane_edges(affine: np.ndarray, plane: list[int]) -> np.ndarray:
 
 
 def abc2(mask: np.ndarray, affine: np.ndarray, weighted: bool = False) -> ABC2 | None:
-    """ABC/2 of a ``(I, J, K)`` 0/1 mask on the grid of ``affine`` (voxel -> world mm).
+    """ABC/2 of the largest lesion of a ``(I, J, K)`` 0/1 mask on the grid of ``affine``
+    (voxel -> world mm).
 
     Returns None for an empty mask. ``weighted``: Kothari's 25%/75% slice weighting for C.
     """
-    mask = np.asarray(mask) > 0
+    mask = largest_component(np.asarray(mask) > 0)
     if not mask.any():
         return None
     axis = axial_axis(affine)

@@ -21,15 +21,18 @@ from mlssp_jax import measurements  # noqa: E402
 from mlssp_jax.fileio import atomic_path  # noqa: E402
 
 WINDOW_HU = (0.0, 100.0)
+HEAD_HU = -300.0  # panels are cropped to the voxels above this (the head), plus a margin
+CROP_MARGIN = 4  # voxels
 PANELS = 4
 PANEL_INCHES = 3.2
+TITLE_INCHES = 0.75
 DPI = 100
 LABEL_NAMES = {0: "other", 1: "AVM"}
 
 
 def figure_size_px() -> tuple[int, int]:
     """``(width, height)`` of the PNG in pixels."""
-    return int(PANELS * PANEL_INCHES * DPI), int((PANEL_INCHES + 0.6) * DPI)
+    return int(PANELS * PANEL_INCHES * DPI), int((PANEL_INCHES + TITLE_INCHES) * DPI)
 
 
 def pick_slices(mask: np.ndarray, axis: int, anchor: int | None) -> list[int]:
@@ -72,16 +75,30 @@ def _to_display(ends: np.ndarray, plane_axes: list[int], row: int, shape: tuple[
     return c, r
 
 
+def _crop(image_hu: np.ndarray, plane: list[int]) -> tuple[slice, slice]:
+    """In-plane slices of the head's bounding box (all of the plane if nothing is head)."""
+    head = image_hu > HEAD_HU
+    box = []
+    for axis in plane:
+        hits = np.flatnonzero(head.any(axis=tuple(a for a in range(3) if a != axis)))
+        if hits.size == 0:
+            return slice(None), slice(None)
+        box.append(slice(max(0, hits[0] - CROP_MARGIN), hits[-1] + 1 + CROP_MARGIN))
+    return box[0], box[1]
+
+
 def _title(name: str, result: dict, abc: measurements.ABC2 | None) -> str:
     volume = result["volume_ml"]
-    text = f"{name}: lesion {volume:.1f} mL"
+    lines = [f"{name}: lesion {volume:.1f} mL"]
     if abc is not None:
-        text += (f", ABC/2 {abc.volume_ml:.1f} mL (difference {abc.volume_ml - volume:+.1f} mL;"
-                 f" A {abc.a_mm:.0f}, B {abc.b_mm:.0f}, C {abc.c_mm:.0f} mm)")
+        lines[0] += (f" | ABC/2 {abc.volume_ml:.1f} mL (difference {abc.volume_ml - volume:+.1f}"
+                     " mL)")
+        lines.append(f"ABC/2 of the largest lesion: A {abc.a_mm:.0f} mm (yellow), B "
+                     f"{abc.b_mm:.0f} mm (cyan), C {abc.c_mm:.0f} mm")
     prob = result.get("avm_probability")
     if prob is not None:
-        text += f"\nAVM probability {prob:.2f}: {LABEL_NAMES[int(result['label'])]}"
-    return text
+        lines.append(f"AVM probability {prob:.2f}: {LABEL_NAMES[int(result['label'])]}")
+    return "\n".join(lines)
 
 
 def write_overlay(path, image_hu: np.ndarray, affine: np.ndarray, mask: np.ndarray,
@@ -95,25 +112,28 @@ def write_overlay(path, image_hu: np.ndarray, affine: np.ndarray, mask: np.ndarr
     plane = [a for a in range(3) if a != axis]
     row, _, flip_r, flip_c, aspect = _display(affine, axis)
     picks = pick_slices(mask, axis, None if abc is None else abc.slice_index)
+    crop = _crop(image_hu, plane)
     width, height = figure_size_px()
     fig, axes = plt.subplots(1, PANELS, figsize=(width / DPI, height / DPI), dpi=DPI,
                              facecolor="black")
     for ax in axes:
         ax.set_axis_off()
     for ax, index in zip(axes, picks, strict=False):
-        shown = _oriented(np.take(image_hu, index, axis=axis), plane, row, flip_r, flip_c)
-        lesion = _oriented(np.take(mask, index, axis=axis), plane, row, flip_r, flip_c)
+        shown = _oriented(np.take(image_hu, index, axis=axis)[crop], plane, row, flip_r, flip_c)
+        lesion = _oriented(np.take(mask, index, axis=axis)[crop], plane, row, flip_r, flip_c)
         ax.imshow(shown, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=aspect,
                   interpolation="nearest")
         if lesion.any():
             ax.contour(lesion.astype(np.float32), levels=[0.5], colors="red", linewidths=0.8)
         if abc is not None and index == abc.slice_index:
             for ends, colour in ((abc.a_ends, "yellow"), (abc.b_ends, "cyan")):
-                x, y = _to_display(ends, plane, row, shown.shape, flip_r, flip_c)
+                offset = [crop[0].start or 0, crop[1].start or 0]
+                x, y = _to_display(ends - offset, plane, row, shown.shape, flip_r, flip_c)
                 ax.plot(x, y, color=colour, linewidth=0.8)
         ax.set_title(f"slice {index}", color="white", fontsize=8)
-    fig.suptitle(_title(name, result, abc), color="white", fontsize=9)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.80, wspace=0.03)
+    fig.suptitle(_title(name, result, abc), color="white", fontsize=9, y=0.99, va="top")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, wspace=0.03,
+                        top=1 - TITLE_INCHES / (PANEL_INCHES + TITLE_INCHES))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=DPI, facecolor="black", format="png")
     plt.close(fig)
