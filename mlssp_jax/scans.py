@@ -54,7 +54,8 @@ def scan_paths(items: Sequence[Path]) -> list[Path]:
 
     A NIfTI file is a scan; a folder of NIfTI files stands for those files (sorted); any
     other folder holding DICOM files is one series. Raises InputError for a missing path,
-    another kind of file, or a folder holding neither NIfTI nor DICOM files.
+    another kind of file, a folder holding neither NIfTI nor DICOM files, and two scans with
+    one output name (:func:`scan_name`).
     """
     paths = []
     for item in items:
@@ -74,7 +75,18 @@ def scan_paths(items: Sequence[Path]) -> list[Path]:
                              "folder")
         else:
             paths.append(item)
+    _check_unique_names(paths)
     return paths
+
+
+def _check_unique_names(paths: list[Path]) -> None:
+    """InputError if two scans would write the same output files."""
+    seen: dict[str, Path] = {}
+    for path in paths:
+        name = scan_name(path)
+        if name in seen:
+            raise InputError(f"{path}: same output name '{name}' as {seen[name]}; rename one")
+        seen[name] = path
 
 
 def scan_name(path: Path) -> str:

@@ -134,6 +134,9 @@ def test_folders_are_series_or_hold_nifti_files(tmp_path):
         scans.scan_paths([tmp_path / "empty"])
     with pytest.raises(InputError, match="must hold a DICOM series"):
         scans.load_scan(tmp_path / "niftis")
+    nifti.save(tmp_path / "s.nii", hu_volume(), np.eye(4))
+    with pytest.raises(InputError, match="same output name 's'"):
+        scans.scan_paths([folder, tmp_path / "s.nii"])
 
 
 def test_manifest_image_may_be_a_series_folder(tmp_path):
