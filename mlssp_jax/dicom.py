@@ -207,14 +207,8 @@ def _pixels(s: _Slice) -> np.ndarray:
     return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
-def read_series(folder: str | Path) -> Volume:
-    """The CT series in ``folder`` as a Volume: ``(columns, rows, slices)`` float32 HU.
-
-    The affine maps (column, row, slice) indices to world RAS+ mm; its third column is the
-    step between slice positions, so a gantry tilt shears it. Raises InputError (naming the
-    folder or file) for the problems listed in the module docstring.
-    """
-    folder = Path(folder)
+def _assemble(folder: Path) -> tuple[list[_Slice], np.ndarray]:
+    """The series' slices in order along the normal and the RAS+ affine (4, 4)."""
     slices = _series_files(folder)
     (row_dir, col_dir), (row_mm, col_mm) = _in_plane(folder, slices)
     slices, step = _order(folder, slices, np.cross(row_dir, col_dir))
@@ -223,5 +217,22 @@ def read_series(folder: str | Path) -> Volume:
     lps[:3, 1] = col_dir * row_mm  # down a column: row index increases
     lps[:3, 2] = step
     lps[:3, 3] = slices[0].position
+    return slices, LPS_TO_RAS @ lps
+
+
+def read_series(folder: str | Path) -> Volume:
+    """The CT series in ``folder`` as a Volume: ``(columns, rows, slices)`` float32 HU.
+
+    The affine maps (column, row, slice) indices to world RAS+ mm; its third column is the
+    step between slice positions, so a gantry tilt shears it. Raises InputError (naming the
+    folder or file) for the problems listed in the module docstring.
+    """
+    folder = Path(folder)
+    slices, affine = _assemble(folder)
     data = np.stack([_pixels(s).T for s in slices], axis=-1)
-    return Volume(data=np.ascontiguousarray(data), affine=LPS_TO_RAS @ lps, path=folder)
+    return Volume(data=np.ascontiguousarray(data), affine=affine, path=folder)
+
+
+def sorted_datasets(folder: str | Path) -> list[pydicom.Dataset]:
+    """The series' datasets in the slice order of :func:`read_series` (slice k = index k)."""
+    return [s.ds for s in _assemble(Path(folder))[0]]

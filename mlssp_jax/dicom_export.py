@@ -49,7 +49,10 @@ def _slice_dataset(plane: np.ndarray, k: int, lps: np.ndarray, cosines: np.ndarr
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.ImageType = "CT", ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.PatientName, ds.PatientID = "SYNTHETIC", uids["patient"]
+    ds.PatientName, ds.PatientID = "SYNTHETIC^HEAD", uids["patient"]
+    ds.PatientBirthDate, ds.PatientSex, ds.StudyID, ds.AccessionNumber = "", "O", "1", ""
+    ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = "20260101", "120000", ""
+    ds.Manufacturer = "mlssp_jax synthetic"
     ds.StudyInstanceUID, ds.SeriesInstanceUID = uids["study"], uids["series"]
     ds.FrameOfReferenceUID = uids["frame"]
     ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = uids["description"], 1, k + 1

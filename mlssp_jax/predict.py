@@ -138,6 +138,8 @@ def _parser() -> cli.ArgumentParser:
     parser.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP,
                         help="sliding-window overlap in [0, 1)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="windows per batch")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="also write O/<name>_seg.dcm (DICOM SEG) for DICOM series inputs")
     return parser
 
 
@@ -158,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         image = scans.load_scan(path)
         result = predict_scan(image, predict_fn, cfg, args.overlap,
                               args.batch_size, args.tta)
-        row = scan_outputs.write_scan(args.out, path, image, result, info)
+        row = scan_outputs.write_scan(args.out, path, image, result, info, args.dicom_seg)
         rows.append({**row, "seconds": round(time.perf_counter() - start, 2)})
         log.info("%s: %.2f mL (ABC/2 %s mL), AVM probability %s", path.name,
                  result["volume_ml"], row["abc2_ml"], result["avm_probability"])

@@ -1,8 +1,8 @@
 """What ``predict`` writes per scan and per run (SPEC.md), each file atomically.
 
 Per scan: ``O/<name>_mask.nii.gz`` (the input's shape and affine), ``O/<name>.json`` and
-``O/<name>_overlay.png``. Per run: ``O/predictions.csv``, one row per scan in input order,
-written once at the end.
+``O/<name>_overlay.png`` (and ``O/<name>_seg.dcm`` for a DICOM series, if asked for).
+Per run: ``O/predictions.csv``, one row per scan in input order, written once at the end.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ TABLE_COLUMNS = ("name", "image", "volume_ml", "abc2_ml", "avm_probability", "la
                  "seconds")
 
 
-def write_scan(out: Path, path: Path, image: nifti.Volume, result: dict, info: dict) -> dict:
+def write_scan(out: Path, path: Path, image: nifti.Volume, result: dict, info: dict,
+               dicom_seg: bool = False) -> dict:
     """Write one scan's mask, JSON and overlay; return its ``predictions.csv`` row (no time).
 
     ``result`` is :func:`mlssp_jax.predict.predict_scan`'s; ``info`` the run's settings
-    (``model``, ``folds``, ...), copied into the JSON.
+    (``model``, ``folds``, ...), copied into the JSON. ``dicom_seg``: also write
+    ``<name>_seg.dcm`` (:mod:`mlssp_jax.dicom_seg`) if the scan is a DICOM series.
     """
     name = scans.scan_name(path)
     abc = measurements.abc2(result["mask"], image.affine)
@@ -31,6 +33,10 @@ def write_scan(out: Path, path: Path, image: nifti.Volume, result: dict, info: d
     record = {"image": str(path), **{k: v for k, v in result.items() if k != "mask"},
               "abc2_ml": abc2_ml, "voxels": int(result["mask"].sum()), **info}
     write_json(out / f"{name}.json", record)
+    if dicom_seg and path.is_dir():
+        from mlssp_jax import dicom_seg as seg  # highdicom: imported only when asked for
+
+        seg.write_seg(out / f"{name}_seg.dcm", result["mask"], path)
     overlay.write_overlay(out / f"{name}_overlay.png", image.data, image.affine, result["mask"],
                           result, abc, name)
     return {"name": name, "image": str(path), "volume_ml": round(result["volume_ml"], 4),

@@ -167,10 +167,11 @@ def test_predict_on_the_series_matches_predict_on_its_nifti(tiny_run, series_and
                                                             tmp_path):
     scan, folder = series_and_nifti
     argv = ["--workdir", str(tiny_run), "--image", str(scan), str(folder), "--out",
-            str(tmp_path / "out"), "--batch-size", "16", "--overlap", "0"]
+            str(tmp_path / "out"), "--batch-size", "16", "--overlap", "0", "--dicom-seg"]
     assert run_command(predict.main, argv) == 0
     out = tmp_path / "out"
     name = scans.scan_name(scan)
+    assert sorted(p.name for p in out.glob("*_seg.dcm")) == ["series-a_seg.dcm"]  # series only
     masks = [nifti.read_volume(out / f"{n}_mask.nii.gz") for n in (name, "series-a")]
     same_world_values(masks[1], masks[0].data, masks[0].affine)
     records = [json.loads((out / f"{n}.json").read_text()) for n in (name, "series-a")]
@@ -197,3 +198,24 @@ def test_predict_refuses_a_bad_series_and_writes_nothing(tiny_run, tmp_path, cap
     assert [line for line in lines if line.startswith("error: ")] == lines[-1:]
     assert "missing slice" in lines[-1] and str(folder) in lines[-1]
     assert not (tmp_path / "o").exists()
+
+
+def test_dicom_seg_frames_land_on_the_mask_in_world_space(tmp_path):
+    import highdicom as hd
+
+    from mlssp_jax import dicom_seg
+
+    folder = series(tmp_path, shuffle_seed=1)
+    image = scans.load_scan(folder)
+    mask = np.zeros(image.data.shape, np.uint8)
+    mask[2:6, 1:5, 1:4] = 1
+    dicom_seg.write_seg(tmp_path / "seg.dcm", mask, folder)
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    source_uid = pydicom.dcmread(next(folder.iterdir())).SeriesInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source_uid
+    volume = seg.get_volume(combine_segments=True)  # (slice, row, column), LPS affine
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    hits = np.argwhere(volume.array > 0).T
+    world = lps_to_ras @ volume.affine @ np.vstack([hits, np.ones(hits.shape[1])])
+    index = np.round(np.linalg.inv(image.affine) @ world)[:3].astype(int)
+    assert hits.shape[1] == mask.sum() and mask[tuple(index)].all()
