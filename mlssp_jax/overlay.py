@@ -129,7 +129,7 @@ def write_overlay(path, image_hu: np.ndarray, affine: np.ndarray, mask: np.ndarr
             for ends, colour in ((abc.a_ends, "yellow"), (abc.b_ends, "cyan")):
                 offset = [crop[0].start or 0, crop[1].start or 0]
                 x, y = _to_display(ends - offset, plane, row, shown.shape, flip_r, flip_c)
-                ax.plot(x, y, color=colour, linewidth=0.8)
+                ax.plot(x, y, color=colour, linewidth=1.4, zorder=3)
         ax.set_title(f"slice {index}", color="white", fontsize=8)
     fig.suptitle(_title(name, result, abc), color="white", fontsize=9, y=0.99, va="top")
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, wspace=0.03,
