@@ -66,6 +66,15 @@ def _oriented(plane_2d: np.ndarray, plane_axes: list[int], row: int, flip_r: boo
     return shown[::-1 if flip_r else 1, ::-1 if flip_c else 1]
 
 
+def axial_view(data: np.ndarray, affine: np.ndarray, index: int) -> tuple[np.ndarray, float]:
+    """Axial slice ``index`` of ``(I, J, K)`` ``data`` as shown: rows run anterior to posterior,
+    columns from the patient's right to left; and the pixel aspect (height / width)."""
+    axis = measurements.axial_axis(affine)
+    plane = [a for a in range(3) if a != axis]
+    row, _, flip_r, flip_c, aspect = _display(affine, axis)
+    return _oriented(np.take(data, index, axis=axis), plane, row, flip_r, flip_c), aspect
+
+
 def _to_display(ends: np.ndarray, plane_axes: list[int], row: int, shape: tuple[int, int],
                 flip_r: bool, flip_c: bool) -> tuple[np.ndarray, np.ndarray]:
     """x (column) and y (row) display coordinates of points given in (plane[0], plane[1])."""
@@ -75,16 +84,16 @@ def _to_display(ends: np.ndarray, plane_axes: list[int], row: int, shape: tuple[
     return c, r
 
 
-def _crop(image_hu: np.ndarray, plane: list[int]) -> tuple[slice, slice]:
-    """In-plane slices of the head's bounding box (all of the plane if nothing is head)."""
+def _crop(image_hu: np.ndarray, plane: list[int]) -> list[slice]:
+    """Per voxel axis, the head's bounding box in the slice plane (everything if no head)."""
     head = image_hu > HEAD_HU
-    box = []
+    box = [slice(0, n) for n in image_hu.shape]
     for axis in plane:
         hits = np.flatnonzero(head.any(axis=tuple(a for a in range(3) if a != axis)))
         if hits.size == 0:
-            return slice(None), slice(None)
-        box.append(slice(max(0, hits[0] - CROP_MARGIN), hits[-1] + 1 + CROP_MARGIN))
-    return box[0], box[1]
+            return [slice(0, n) for n in image_hu.shape]
+        box[axis] = slice(max(0, hits[0] - CROP_MARGIN), hits[-1] + 1 + CROP_MARGIN)
+    return box
 
 
 def _title(name: str, result: dict, abc: measurements.ABC2 | None) -> str:
@@ -110,24 +119,25 @@ def write_overlay(path, image_hu: np.ndarray, affine: np.ndarray, mask: np.ndarr
     """
     axis = measurements.axial_axis(affine)
     plane = [a for a in range(3) if a != axis]
-    row, _, flip_r, flip_c, aspect = _display(affine, axis)
+    row, _, flip_r, flip_c, _ = _display(affine, axis)
     picks = pick_slices(mask, axis, None if abc is None else abc.slice_index)
     crop = _crop(image_hu, plane)
+    image_hu, mask = image_hu[tuple(crop)], mask[tuple(crop)]
     width, height = figure_size_px()
     fig, axes = plt.subplots(1, PANELS, figsize=(width / DPI, height / DPI), dpi=DPI,
                              facecolor="black")
     for ax in axes:
         ax.set_axis_off()
     for ax, index in zip(axes, picks, strict=False):
-        shown = _oriented(np.take(image_hu, index, axis=axis)[crop], plane, row, flip_r, flip_c)
-        lesion = _oriented(np.take(mask, index, axis=axis)[crop], plane, row, flip_r, flip_c)
+        shown, aspect = axial_view(image_hu, affine, index)
+        lesion, _ = axial_view(mask, affine, index)
         ax.imshow(shown, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], aspect=aspect,
                   interpolation="nearest")
         if lesion.any():
             ax.contour(lesion.astype(np.float32), levels=[0.5], colors="red", linewidths=0.8)
         if abc is not None and index == abc.slice_index:
             for ends, colour in ((abc.a_ends, "yellow"), (abc.b_ends, "cyan")):
-                offset = [crop[0].start or 0, crop[1].start or 0]
+                offset = [crop[plane[0]].start, crop[plane[1]].start]
                 x, y = _to_display(ends - offset, plane, row, shown.shape, flip_r, flip_c)
                 ax.plot(x, y, color=colour, linewidth=1.4, zorder=3)
         ax.set_title(f"slice {index}", color="white", fontsize=8)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 
 import matplotlib.image
@@ -14,7 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from mlssp_jax import dicom, manifest, nifti, overlay, predict, scans
+from mlssp_jax import config, dicom, manifest, nifti, overlay, predict, preprocess, scans
 from mlssp_jax.cli import run_command
 from mlssp_jax.dicom_export import write_series
 from mlssp_jax.errors import InputError
@@ -139,6 +140,14 @@ def test_folders_are_series_or_hold_nifti_files(tmp_path):
         scans.scan_paths([folder, tmp_path / "s.nii"])
 
 
+def test_preprocessing_cache_key_follows_the_series_files(tmp_path):
+    folder = series(tmp_path)
+    subject = manifest.Subject("a", folder, None, 1)
+    key = preprocess.subject_cache_key(subject, config.Config().data)
+    os.utime(by_instance(folder)[3], ns=(1, 1))
+    assert preprocess.subject_cache_key(subject, config.Config().data) != key
+
+
 def test_manifest_image_may_be_a_series_folder(tmp_path):
     folder = series(tmp_path)
     image = scans.load_scan(folder)
@@ -189,14 +198,18 @@ def test_predict_on_the_series_matches_predict_on_its_nifti(tiny_run, series_and
         assert matplotlib.image.imread(out / f"{n}_overlay.png").shape[:2] == (height, width)
 
 
-def test_predict_refuses_a_bad_series_and_writes_nothing(tiny_run, tmp_path, capsys):
+@pytest.mark.parametrize("damage, message", [
+    (break_missing, "missing slice"), (break_two_series, "holds 2 series"),
+    (break_modality, "not a CT image"), (break_empty, "no DICOM file")])
+def test_predict_refuses_a_bad_series_and_writes_nothing(tiny_run, tmp_path, capsys, damage,
+                                                         message):
     folder = series(tmp_path)
-    break_missing(folder, tmp_path)
+    damage(folder, tmp_path)
     argv = ["--workdir", str(tiny_run), "--image", str(folder), "--out", str(tmp_path / "o")]
     assert run_command(predict.main, argv) == 2
     lines = capsys.readouterr().err.splitlines()  # after the checkpoint loader's warnings
     assert [line for line in lines if line.startswith("error: ")] == lines[-1:]
-    assert "missing slice" in lines[-1] and str(folder) in lines[-1]
+    assert message in lines[-1] and str(folder) in lines[-1]
     assert not (tmp_path / "o").exists()
 
 
