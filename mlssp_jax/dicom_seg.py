@@ -18,6 +18,10 @@ from mlssp_jax import dicom
 from mlssp_jax.fileio import atomic_path
 
 SEG_SERIES_NUMBER = 9100
+# Type 2 patient/study attributes highdicom copies from the source images: present but
+# possibly empty in DICOM, though exports often omit them.
+TYPE2_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                  "StudyTime", "ReferringPhysicianName", "AccessionNumber", "StudyID")
 
 
 def _version() -> str:
@@ -42,6 +46,10 @@ def write_seg(path: str | Path, mask: np.ndarray, series_folder: str | Path) -> 
     """Write ``mask`` (``(columns, rows, slices)`` 0/1, the grid :func:`dicom.read_series` gives
     for ``series_folder``) as a binary DICOM SEG, atomically."""
     sources = dicom.sorted_datasets(series_folder)
+    for ds in sources:  # in memory only: the source files are not touched
+        for keyword in TYPE2_KEYWORDS:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
     frames = np.stack([mask[:, :, k].T for k in range(mask.shape[2])]).astype(np.uint8)
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=frames,

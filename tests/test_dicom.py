@@ -219,6 +219,10 @@ def test_dicom_seg_frames_land_on_the_mask_in_world_space(tmp_path):
     from mlssp_jax import dicom_seg
 
     folder = series(tmp_path, shuffle_seed=1)
+    for path in folder.iterdir():  # exports often omit type 2 attributes
+        ds = pydicom.dcmread(path)
+        del ds.PatientBirthDate, ds.StudyDate
+        ds.save_as(path)
     image = scans.load_scan(folder)
     mask = np.zeros(image.data.shape, np.uint8)
     mask[2:6, 1:5, 1:4] = 1
@@ -232,3 +236,15 @@ def test_dicom_seg_frames_land_on_the_mask_in_world_space(tmp_path):
     world = lps_to_ras @ volume.affine @ np.vstack([hits, np.ones(hits.shape[1])])
     index = np.round(np.linalg.inv(image.affine) @ world)[:3].astype(int)
     assert hits.shape[1] == mask.sum() and mask[tuple(index)].all()
+
+
+def test_preprocessing_a_series_gives_what_its_nifti_gives(series_and_nifti, tmp_path):
+    """Training can start from DICOM: the manifest's image may be the series folder."""
+    scan, folder = series_and_nifti
+    subjects = [manifest.Subject("nifti", scan, None, 1), manifest.Subject("dicom", folder,
+                                                                           None, 1)]
+    paths = preprocess.preprocess_cohort(subjects, tmp_path, config.Config().data)
+    with np.load(paths["nifti"]) as a, np.load(paths["dicom"]) as b:
+        np.testing.assert_array_equal(b["brain"], a["brain"])
+        np.testing.assert_allclose(b["affine"], a["affine"], atol=1e-5)  # positions: 1e-6 mm
+        np.testing.assert_allclose(b["image"], a["image"], atol=1e-4)
