@@ -43,6 +43,7 @@ POSITION_ATOL_MM = 0.05  # slices closer than this along the normal are at one p
 SPACING_RTOL = 0.01  # slice gaps may differ from the median by this fraction (+ the atol)
 ORIENTATION_ATOL = 1e-4  # direction cosines of two slices agree to this
 SKIPPED_NAMES = ("DICOMDIR",)
+DEFER_BYTES = 1024  # elements larger than this (pixel data) are read only when used
 
 
 @dataclass
@@ -80,7 +81,7 @@ def _read(path: Path) -> pydicom.Dataset | None:
         log.warning("%s: not a DICOM file; skipped", path)
         return None
     try:
-        return pydicom.dcmread(path)
+        return pydicom.dcmread(path, defer_size=DEFER_BYTES)
     except (InvalidDicomError, OSError, ValueError, EOFError) as err:
         raise InputError(f"{path}: unreadable DICOM file ({err})") from None
 
@@ -231,6 +232,11 @@ def read_series(folder: str | Path) -> Volume:
     slices, affine = _assemble(folder)
     data = np.stack([_pixels(s).T for s in slices], axis=-1)
     return Volume(data=np.ascontiguousarray(data), affine=affine, path=folder)
+
+
+def check_series(folder: str | Path) -> None:
+    """Every check of :func:`read_series` but decoding the pixels (the headers are read)."""
+    _assemble(Path(folder))
 
 
 def sorted_datasets(folder: str | Path) -> list[pydicom.Dataset]:

@@ -53,9 +53,10 @@ def scan_paths(items: Sequence[Path]) -> list[Path]:
     """The scans named on a command line, in order.
 
     A NIfTI file is a scan; a folder of NIfTI files stands for those files (sorted); any
-    other folder holding DICOM files is one series. Raises InputError for a missing path,
-    another kind of file, a folder holding neither NIfTI nor DICOM files, and two scans with
-    one output name (:func:`scan_name`).
+    other folder holding DICOM files is one series, its headers checked here
+    (:func:`dicom.check_series`: nothing is written before a bad series is found). Raises
+    InputError for a missing path, another kind of file, a folder holding neither NIfTI nor
+    DICOM files, a bad series, and two scans with one output name (:func:`scan_name`).
     """
     paths = []
     for item in items:
@@ -64,6 +65,7 @@ def scan_paths(items: Sequence[Path]) -> list[Path]:
             if found:
                 paths += found
             elif dicom.holds_dicom(item):
+                dicom.check_series(item)
                 paths.append(item)
             else:
                 raise InputError(f"{item}: no .nii or .nii.gz file and no DICOM file in the "

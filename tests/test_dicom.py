@@ -205,11 +205,13 @@ def test_predict_refuses_a_bad_series_and_writes_nothing(tiny_run, tmp_path, cap
                                                          message):
     folder = series(tmp_path)
     damage(folder, tmp_path)
-    argv = ["--workdir", str(tiny_run), "--image", str(folder), "--out", str(tmp_path / "o")]
+    good = series(tmp_path, "good")  # given first: still nothing is written
+    argv = ["--workdir", str(tiny_run), "--image", str(good), str(folder), "--out",
+            str(tmp_path / "o")]
     assert run_command(predict.main, argv) == 2
-    lines = capsys.readouterr().err.splitlines()  # after the checkpoint loader's warnings
-    assert [line for line in lines if line.startswith("error: ")] == lines[-1:]
-    assert message in lines[-1] and str(folder) in lines[-1]
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert message in err and str(folder) in err
     assert not (tmp_path / "o").exists()
 
 
