@@ -33,6 +33,7 @@ class ABC2:
 
     Attributes:
       a_mm, b_mm, c_mm: the three diameters (mm); volume_ml: A*B*C/2 in mL.
+      lesion_ml: the voxel volume (mL) of the lesion measured (the largest one).
       axis: the voxel axis taken as axial; slice_index: the slice A and B are measured on.
       a_ends, b_ends: ``(2, 2)`` end points of A and B in that slice's voxel coordinates (the
         two in-plane axes in increasing order), for drawing.
@@ -42,6 +43,7 @@ class ABC2:
     b_mm: float
     c_mm: float
     volume_ml: float
+    lesion_ml: float
     axis: int
     slice_index: int
     a_ends: np.ndarray
@@ -125,5 +127,6 @@ def abc2(mask: np.ndarray, affine: np.ndarray, weighted: bool = False) -> ABC2 |
     pixels = np.argwhere(np.take(mask, index, axis=axis)).astype(np.float64)
     a, b, a_ends, b_ends = _diameters(pixels, _plane_edges(affine, plane))
     c = slices * _slice_thickness_mm(affine, axis)
-    return ABC2(a_mm=a, b_mm=b, c_mm=c, volume_ml=a * b * c / 2 / 1000.0, axis=axis,
-                slice_index=index, a_ends=a_ends, b_ends=b_ends)
+    lesion_ml = float(mask.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    return ABC2(a_mm=a, b_mm=b, c_mm=c, volume_ml=a * b * c / 2 / 1000.0, lesion_ml=lesion_ml,
+                axis=axis, slice_index=index, a_ends=a_ends, b_ends=b_ends)

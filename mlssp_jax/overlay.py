@@ -102,8 +102,9 @@ def _title(name: str, result: dict, abc: measurements.ABC2 | None) -> str:
     if abc is not None:
         lines[0] += (f" | ABC/2 {abc.volume_ml:.1f} mL (difference {abc.volume_ml - volume:+.1f}"
                      " mL)")
-        lines.append(f"ABC/2 of the largest lesion: A {abc.a_mm:.0f} mm (yellow), B "
-                     f"{abc.b_mm:.0f} mm (cyan), C {abc.c_mm:.0f} mm")
+        lines.append(f"ABC/2 measures the largest lesion ({abc.lesion_ml:.1f} mL): A "
+                     f"{abc.a_mm:.0f} mm (yellow), B {abc.b_mm:.0f} mm (cyan), C "
+                     f"{abc.c_mm:.0f} mm")
     prob = result.get("avm_probability")
     if prob is not None:
         lines.append(f"AVM probability {prob:.2f}: {LABEL_NAMES[int(result['label'])]}")

@@ -37,6 +37,7 @@ def test_a_square_box_gives_its_exact_volume_on_an_anisotropic_grid():
     assert result.b_mm == pytest.approx(10 * np.sqrt(2), rel=1e-9)
     assert result.c_mm == pytest.approx(12.0)
     assert result.volume_ml == pytest.approx(1.2, rel=1e-9)
+    assert result.lesion_ml == pytest.approx(1.2)  # the box alone, not the specks
     assert result.axis == 2 and 2 <= result.slice_index < 8
 
 
