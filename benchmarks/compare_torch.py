@@ -14,7 +14,7 @@ peak for MFU. PyTorch is an optional benchmark dependency (``pip install -e .[be
 ``--impl`` lists JAX conv implementations (config ``model.conv_impl``); the first one is
 the one in the ratio. The last line printed is ``ratio R``, R = JAX volumes/s / best
 PyTorch volumes/s. All implementations share this process's ``XLA_FLAGS``, which
-:mod:`mlssp_jax.cpu_env` sets for the 2-D formulations only when oneDNN cannot run; to time
+:mod:`mlssp_jax.ops.cpu_env` sets for the 2-D formulations only when oneDNN cannot run; to time
 ``--impl cpu`` as it runs when it is the fallback, set them yourself:
 ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce``.
 """
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlssp_jax import config as config_lib
-from mlssp_jax import cpu_env, models, parallel, train_lib
+from mlssp_jax import models, parallel, train_lib
+from mlssp_jax.ops import cpu_env
 
 GEMM_N = 2048
 
@@ -276,7 +277,7 @@ def report(args, timed: dict, info: dict) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cpu_env.maybe_reexec()  # GLIBC_TUNABLES for both frameworks (MLSSP_JAX_NO_CPU_TUNING=1: off)
+    cpu_env.prepare_process()  # GLIBC_TUNABLES for both frameworks (MLSSP_JAX_NO_CPU_TUNING=1: off)
     torch.set_num_threads(os.cpu_count() or 1)
     batch = synthetic_batch(args.batch, args.size)
     calls, info = build_runners(args, batch)

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import throughput
 
-from mlssp_jax import conv_ops, cpu_env, parallel, train_lib
+from mlssp_jax import parallel, train_lib
+from mlssp_jax.ops import conv_ops, cpu_env
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -99,7 +100,7 @@ def layer_bound_s(width: int, size: int, batch: int, rates: dict[str, float],
 
 
 def main(argv: list[str] | None = None) -> int:
-    cpu_env.maybe_reexec()
+    cpu_env.prepare_process()
     args = parse_args(argv)
     calls = kernel_calls(args.width, args.size, args.batch)
     timed = common.time_interleaved({name: call for name, (call, _) in calls.items()},

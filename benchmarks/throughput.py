@@ -36,8 +36,9 @@ import jax
 import numpy as np
 
 from mlssp_jax import config as config_lib
-from mlssp_jax import cpu_env, input_pipeline, parallel, train_lib
+from mlssp_jax import input_pipeline, parallel, train_lib
 from mlssp_jax.cli import ArgumentParser, run_command
+from mlssp_jax.ops import cpu_env
 
 ROOT = Path(__file__).resolve().parent.parent
 GEMM_N = 2048  # the CPU peak reference: a float32 GEMM of this size
@@ -401,7 +402,7 @@ def run_epoch(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cpu_env.maybe_reexec()
+    cpu_env.prepare_process()
     args = parse_args(argv)
     if args.scaling_worker:
         scaling_worker(args)

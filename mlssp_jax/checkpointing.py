@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from mlssp_jax import config as config_lib
+from mlssp_jax import models
 from mlssp_jax.errors import InputError
 
 SCORE = "score"
@@ -95,8 +96,6 @@ def restore_best_params(workdir: str | Path, fold: int) -> tuple[Any, config_lib
 
     Raises :class:`InputError` if the run or the fold has no checkpoint.
     """
-    from mlssp_jax import train_lib  # train_lib imports this module
-
     workdir = Path(workdir)
     config = config_lib.load(workdir / "config.toml")
     directory = checkpoint_dir(workdir, fold)
@@ -106,6 +105,7 @@ def restore_best_params(workdir: str | Path, fold: int) -> tuple[Any, config_lib
     best = manager.best_step()
     if best is None:
         raise InputError(f"{directory}: no complete checkpoint")
-    params, _ = restore_params(manager, best, train_lib.abstract_params(config))
+    like = models.abstract_params(config.model, config.data.voi_size)
+    params, _ = restore_params(manager, best, like)
     manager.close()
     return params, config

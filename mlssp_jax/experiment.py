@@ -18,10 +18,11 @@ from pathlib import Path
 
 import jax
 
-from mlssp_jax import cli, cpu_env, evaluate, report, train_lib
+from mlssp_jax import cli, evaluate, report, train_lib
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
 from mlssp_jax.fileio import write_json
+from mlssp_jax.ops import cpu_env
 
 log = logging.getLogger(__name__)
 
@@ -121,5 +122,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cpu_env.maybe_reexec()  # glibc malloc tunables, read only at process start
+    cpu_env.prepare_process()  # glibc malloc tunables and XLA flags, read at process start
     raise SystemExit(cli.run_command(main))

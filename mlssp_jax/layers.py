@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mlssp_jax import conv_ops
+from mlssp_jax.ops import conv_ops
 
 Dtype = Any
 

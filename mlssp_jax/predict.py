@@ -21,7 +21,6 @@ from tqdm import tqdm
 from mlssp_jax import (
     checkpointing,
     cli,
-    cpu_env,
     inference,
     models,
     nifti,
@@ -31,6 +30,7 @@ from mlssp_jax import (
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
 from mlssp_jax.fileio import write_json
+from mlssp_jax.ops import cpu_env
 
 log = logging.getLogger(__name__)
 
@@ -191,5 +191,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cpu_env.maybe_reexec()  # glibc malloc tunables, read only at process start
+    cpu_env.prepare_process()  # glibc malloc tunables and XLA flags, read at process start
     raise SystemExit(cli.run_command(main))

@@ -15,9 +15,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlssp_jax import cli, cpu_env, parallel, train_lib
+from mlssp_jax import cli, parallel, train_lib
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
+from mlssp_jax.ops import cpu_env
 
 log = logging.getLogger(__name__)
 
@@ -95,5 +96,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cpu_env.maybe_reexec()  # glibc malloc tunables, read only at process start
+    cpu_env.prepare_process()  # glibc malloc tunables and XLA flags, read at process start
     raise SystemExit(cli.run_command(main))

@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 from mlssp_jax import (
     checkpointing,
-    conv_ops,
     input_pipeline,
     losses,
     manifest,
@@ -43,6 +42,7 @@ from mlssp_jax import (
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
 from mlssp_jax.fileio import atomic_path, write_json, write_text
+from mlssp_jax.ops import conv_ops
 
 log = logging.getLogger(__name__)
 PredictFn = Callable[[Any, jax.Array], dict]
@@ -79,16 +79,6 @@ def create_optimizer(train_cfg: config_lib.TrainConfig,
 
 def _trainable(state: TrainState) -> dict:
     return {"params": state.params, "log_vars": state.log_vars}
-
-
-def abstract_params(config: config_lib.Config) -> Any:
-    """Shapes and dtypes (on one device) of the model's parameters, without computing them."""
-    model = models.build_model(config.model)
-    size = config.data.voi_size
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, size, 1)))["params"])
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
 
 
 def create_train_state(config: config_lib.Config, rng: jax.Array, mesh: Mesh,
@@ -294,7 +284,7 @@ def train_epoch(train_step: Callable, state: TrainState, examples: list[dict],
 
 def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[str, list[dict]]:
     """The fold's ``train``/``val``/``test`` VOI examples (split saved in ``W/splits.json``)."""
-    manifest_path = manifest.resolve_data(config.data)
+    manifest_path = preprocess.resolve_data(config.data)
     subjects = manifest.read_manifest(manifest_path, require_masks=True)
     manifest.check_folds(subjects, config.train.num_folds, where=str(manifest_path))
     # train.workers = 0 preprocesses in this process, as the loader does (cached_cohort would

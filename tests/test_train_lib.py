@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import struct
 
-from mlssp_jax import cli, input_pipeline, onednn, parallel, preprocess, train, train_lib
+from mlssp_jax import cli, input_pipeline, parallel, preprocess, train, train_lib
 from mlssp_jax import config as config_lib
+from mlssp_jax.ops import onednn
 
 
 def test_learning_rate_decays_five_percent_per_epoch_not_per_step():

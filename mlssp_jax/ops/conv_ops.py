@@ -40,12 +40,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mlssp_jax import cpu_env, onednn
 from mlssp_jax.config import CONV_IMPLS
 from mlssp_jax.errors import InputError
+from mlssp_jax.ops import onednn
 
 log = logging.getLogger(__name__)
-cpu_env.configure_environment(xla_convs=not onednn.buildable())
 
 _DIMS = ("NDHWC", "DHWIO", "NDHWC")
 _DIMS_2D = ("NHWC", "HWIO", "NHWC")

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlssp_jax import cache
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "conv3d_onednn.cc"
@@ -91,9 +93,9 @@ def find_compiler() -> str | None:
 
 
 def cache_dir() -> Path:
-    """``$MLSSP_JAX_CACHE/ext``, default ``~/.cache/mlssp_jax/ext``."""
-    base = os.environ.get("MLSSP_JAX_CACHE") or Path.home() / ".cache" / "mlssp_jax"
-    return Path(base) / "ext"
+    """``<cache root>/ext`` (:func:`mlssp_jax.cache.cache_root`: ``$MLSSP_JAX_CACHE``, default
+    ``~/.cache/mlssp_jax``)."""
+    return cache.cache_root() / "ext"
 
 
 def _compile_command(compiler: str, onednn: Path, output: Path) -> list[str]:
