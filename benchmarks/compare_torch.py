@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlssp_jax import config as config_lib
-from mlssp_jax import models, parallel, train_lib
+from mlssp_jax import models, parallel, train_step
 from mlssp_jax.ops import cpu_env
 
 GEMM_N = 2048
@@ -194,13 +194,13 @@ def jax_step_runner(config: config_lib.Config, batch: dict):
     implementation is credited with the same work.
     """
     mesh = parallel.make_mesh()
-    state = train_lib.create_train_state(config, jax.random.key(0), mesh)
+    state = train_step.create_train_state(config, jax.random.key(0), mesh)
     device_batch = parallel.shard_batch(batch, mesh)
     xla_config = dataclasses.replace(
         config, model=dataclasses.replace(config.model, conv_impl="xla"))
     flops = common.compiled_flops(
-        train_lib.make_train_step(xla_config, mesh).lower(state, device_batch))
-    compiled, compile_s = common.compile_timed(train_lib.make_train_step(config, mesh),
+        train_step.make_train_step(xla_config, mesh).lower(state, device_batch))
+    compiled, compile_s = common.compile_timed(train_step.make_train_step(config, mesh),
                                                state, device_batch)
     holder = [state]
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import throughput
 
-from mlssp_jax import parallel, train_lib
+from mlssp_jax import parallel, train_step
 from mlssp_jax.ops import conv_ops, cpu_env
 
 
@@ -77,9 +77,9 @@ def model_flops(width: int, size: int, batch: int) -> float:
                                   str(size), "--batch", str(batch), "--impl", "xla"])
     config = throughput.make_config(args)
     mesh = parallel.make_mesh()
-    state = train_lib.create_train_state(config, jax.random.key(0), mesh)
+    state = train_step.create_train_state(config, jax.random.key(0), mesh)
     batch_arrays = parallel.shard_batch(throughput.synthetic_batch(config), mesh)
-    return common.compiled_flops(train_lib.make_train_step(config, mesh).lower(state,
+    return common.compiled_flops(train_step.make_train_step(config, mesh).lower(state,
                                                                               batch_arrays))
 
 

@@ -344,17 +344,19 @@ def resolve_data(data_cfg) -> Path:
     return synth.default_manifest(data_cfg)
 
 
-def cached_cohort(manifest_path: str | Path, data_cfg: DataConfig,
-                  workers: int | None = None) -> dict[str, Path]:
+def cached_cohort(manifest_path: str | Path, data_cfg: DataConfig, workers: int | None = None,
+                  subjects: Sequence[manifest_lib.Subject] | None = None) -> dict[str, Path]:
     """Preprocess a manifest's cohort into the cache (once) and return ``{subject_id: npz}``.
 
     The cache folder is ``<cache root>/preprocessed/<hash of params and manifest path>``; inside
     it each file is checked against its inputs (see :func:`preprocess_cohort`). A file lock
     makes concurrent callers (e.g. the processes of a multi-host run) do the work once.
-    ``workers`` defaults to the CPU count.
+    ``workers`` defaults to the CPU count; ``subjects``: the manifest's, if the caller has
+    read it already (else it is read here).
     """
     manifest_path = Path(manifest_path).resolve()
-    subjects = manifest_lib.read_manifest(manifest_path, require_masks=True)
+    if subjects is None:
+        subjects = manifest_lib.read_manifest(manifest_path, require_masks=True)
     tag = json.dumps({"params": preprocessing_params(data_cfg), "manifest": str(manifest_path)},
                      sort_keys=True)
     digest = hashlib.sha256(tag.encode()).hexdigest()[:16]

@@ -70,11 +70,16 @@ def _inner_val(ids: list[str], labels: dict[str, int], fraction: float,
     return sorted(picked)
 
 
+def check_fold(fold: int, num_folds: int) -> None:
+    """Raise InputError (naming ``--fold``) unless ``0 <= fold < num_folds``."""
+    if not 0 <= fold < num_folds:
+        raise InputError(f"--fold: must be in 0..{num_folds - 1}, got {fold}")
+
+
 def fold_split(subject_ids: Sequence[str], labels: Sequence[int], fold: int, num_folds: int,
                inner_val_fraction: float, seed: int) -> dict[str, list[str]]:
     """``{"train", "val", "test"}`` id lists: test = fold ``fold``; val drawn from the rest."""
-    if not 0 <= fold < num_folds:
-        raise InputError(f"--fold: must be in 0..{num_folds - 1}, got {fold}")
+    check_fold(fold, num_folds)
     folds = make_folds(subject_ids, labels, num_folds, seed)
     label_of = {s: int(y) for s, y in zip(subject_ids, labels, strict=True)}
     pool = sorted(s for k, f in enumerate(folds) if k != fold for s in f)
