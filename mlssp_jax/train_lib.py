@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from mlssp_jax import (
+    augment,
     checkpointing,
     fold_eval,
     input_pipeline,
@@ -81,7 +82,8 @@ def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[
     split = splits.load_or_create(workdir, ids, labels, t.num_folds, t.inner_val_fraction,
                                   t.seed)[fold]
     label_of = dict(zip(ids, labels, strict=True))
-    margins = {"train": config.augment.voi_jitter_mm, "val": 0, "test": 0}
+    margins = {"train": augment.jitter_voxels(config.augment, config.data.spacing_mm),
+               "val": 0, "test": 0}
     background = config.augment.background_fraction > 0  # whole training volumes needed
     return {part: input_pipeline.load_examples(paths, ids_, label_of, config.data.voi_size,
                                                margin=margins[part],
