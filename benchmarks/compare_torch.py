@@ -194,14 +194,14 @@ def jax_step_runner(config: config_lib.Config, batch: dict):
     implementation is credited with the same work.
     """
     mesh = parallel.make_mesh()
-    state = train_step.create_train_state(config, jax.random.key(0), mesh)
+    state = train_step.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=1)
     device_batch = parallel.shard_batch(batch, mesh)
     xla_config = dataclasses.replace(
         config, model=dataclasses.replace(config.model, conv_impl="xla"))
     flops = common.compiled_flops(
-        train_step.make_train_step(xla_config, mesh).lower(state, device_batch))
-    compiled, compile_s = common.compile_timed(train_step.make_train_step(config, mesh),
-                                               state, device_batch)
+        train_step.make_train_step(xla_config, mesh, steps_per_epoch=1).lower(state, device_batch))
+    jitted = train_step.make_train_step(config, mesh, steps_per_epoch=1)
+    compiled, compile_s = common.compile_timed(jitted, state, device_batch)
     holder = [state]
 
     def step():

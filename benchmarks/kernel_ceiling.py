@@ -77,10 +77,10 @@ def model_flops(width: int, size: int, batch: int) -> float:
                                   str(size), "--batch", str(batch), "--impl", "xla"])
     config = throughput.make_config(args)
     mesh = parallel.make_mesh()
-    state = train_step.create_train_state(config, jax.random.key(0), mesh)
+    state = train_step.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=1)
     batch_arrays = parallel.shard_batch(throughput.synthetic_batch(config), mesh)
-    return common.compiled_flops(train_step.make_train_step(config, mesh).lower(state,
-                                                                              batch_arrays))
+    step = train_step.make_train_step(config, mesh, steps_per_epoch=1)
+    return common.compiled_flops(step.lower(state, batch_arrays))
 
 
 def layer_bound_s(width: int, size: int, batch: int, rates: dict[str, float],

@@ -155,10 +155,12 @@ def bench_train(config: config_lib.Config, repeats: int, warmup: int) -> dict[st
     """Compile, warm up and time the trainer's jitted train step on a synthetic batch."""
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.train.batch_size, mesh)
-    state = train_step.create_train_state(config, jax.random.key(config.train.seed), mesh)
+    state = train_step.create_train_state(config, jax.random.key(config.train.seed), mesh,
+                                          steps_per_epoch=1)
     batch = parallel.shard_batch(synthetic_batch(config), mesh)
-    lowered_xla = train_step.make_train_step(_xla_native(config), mesh).lower(state, batch)
-    step = train_step.make_train_step(config, mesh)
+    lowered_xla = train_step.make_train_step(_xla_native(config), mesh,
+                                             steps_per_epoch=1).lower(state, batch)
+    step = train_step.make_train_step(config, mesh, steps_per_epoch=1)
     compiled, compile_s = common.compile_timed(step, state, batch)
     params = param_bytes(state.params)
     timed = _timed_with_peak(_step_runner(compiled, state, batch), repeats, warmup,
@@ -171,7 +173,8 @@ def bench_train(config: config_lib.Config, repeats: int, warmup: int) -> dict[st
 def bench_inference(config: config_lib.Config, repeats: int, warmup: int) -> dict[str, Any]:
     """Compile and time the prediction step (sigmoid probabilities) on a synthetic batch."""
     mesh = parallel.make_mesh()
-    state = train_step.create_train_state(config, jax.random.key(config.train.seed), mesh)
+    state = train_step.create_train_state(config, jax.random.key(config.train.seed), mesh,
+                                          steps_per_epoch=1)
     images = parallel.shard_batch({"image": synthetic_batch(config)["image"]}, mesh)["image"]
     lowered_xla = train_step.make_predict_fn(_xla_native(config), mesh).lower(
         state.params, images)
@@ -298,10 +301,11 @@ def scaling_worker(args: argparse.Namespace) -> None:
     """In a subprocess with N forced CPU devices: the data-parallel step, as one JSON line."""
     config = make_config(args)
     mesh = parallel.make_mesh()
-    state = train_step.create_train_state(config, jax.random.key(config.train.seed), mesh)
+    state = train_step.create_train_state(config, jax.random.key(config.train.seed), mesh,
+                                          steps_per_epoch=1)
     batch = parallel.shard_batch(synthetic_batch(config), mesh)
-    compiled, compile_s = common.compile_timed(train_step.make_train_step(config, mesh),
-                                               state, batch)
+    step = train_step.make_train_step(config, mesh, steps_per_epoch=1)
+    compiled, compile_s = common.compile_timed(step, state, batch)
     ops, reduced = all_reduce_bytes(compiled.as_text())
     params = param_bytes(state.params)
     stats = common.time_fn(_step_runner(compiled, state, batch), repeats=args.repeats,

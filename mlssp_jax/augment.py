@@ -62,16 +62,8 @@ def _index_of_matrix() -> dict[bytes, int]:
     return {_matrix(i).tobytes(): i for i in range(NUM_SYMMETRIES)}
 
 
-def compose(a: int, b: int) -> int:
-    """Index of "apply ``b``, then ``a``".
-
-    ``symmetry(compose(a, b), v) == symmetry(a, symmetry(b, v))``.
-    """
-    return _index_of_matrix()[(_matrix(a) @ _matrix(b)).tobytes()]
-
-
 def inverse(a: int) -> int:
-    """Index of the symmetry undoing ``a``: ``compose(inverse(a), a) == 0``."""
+    """Index of the symmetry undoing ``a``: ``symmetry(inverse(a), symmetry(a, v)) == v``."""
     return _index_of_matrix()[np.ascontiguousarray(_matrix(a).T).tobytes()]
 
 

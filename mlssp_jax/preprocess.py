@@ -42,7 +42,7 @@ from scipy import ndimage
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mlssp_jax import cache, nifti
+from mlssp_jax import cache, masks, nifti
 from mlssp_jax import config as config_lib
 from mlssp_jax import manifest as manifest_lib
 from mlssp_jax.cli import ArgumentParser, run_command, setup_logging
@@ -182,15 +182,6 @@ def _ball(radius: int) -> np.ndarray:
     return (grid**2).sum(axis=0) <= radius**2
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(sizes.argmax())
-
-
 def skull_strip(hu: np.ndarray, fov: np.ndarray, spacing_mm: float) -> np.ndarray:
     """Brain mask (bool, same shape) of a head CT in HU on an isotropic RAS grid (axis 2 axial).
 
@@ -208,7 +199,7 @@ def skull_strip(hu: np.ndarray, fov: np.ndarray, spacing_mm: float) -> np.ndarra
     axial = np.zeros((3, 3, 3), dtype=bool)
     axial[:, :, 1] = ndimage.generate_binary_structure(2, 1)
     inside = ndimage.binary_fill_holes(bone, axial) | ndimage.binary_fill_holes(bone)
-    brain = _largest_component(inside & ~bone & (hu > BRAIN_MIN_HU))
+    brain = masks.largest_component(inside & ~bone & (hu > BRAIN_MIN_HU))
     brain = ndimage.binary_fill_holes(brain, axial) | ndimage.binary_fill_holes(brain)
     return brain | (ndimage.binary_dilation(brain) & (hu < RIM_MAX_HU) & (hu > BRAIN_MIN_HU))
 
