@@ -95,3 +95,18 @@ def test_preprocessing_runs_train_workers_processes_and_0_in_this_one(
     with pytest.raises(Stop):
         train_lib.load_fold_data(config, tmp_path, fold=0)
     assert seen == [processes]
+
+
+def test_a_workdir_of_another_config_is_refused_before_the_cohort_is_made(
+        monkeypatch, capsys, tmp_path):
+    """The default synthetic cohort takes minutes to make: the config check comes first."""
+    made = []
+    monkeypatch.setattr(preprocess, "resolve_data", lambda data_cfg: made.append(1))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.toml").write_text(config_lib.to_toml(config_lib.Config()))
+    argv = ["--fold", "0", "--workdir", str(workdir), "--epochs", "3"]
+    assert cli.run_command(train.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "another config" in err[-1]
+    assert made == []
