@@ -43,6 +43,12 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
+def diverged(err: Exception, kept_in: object) -> int:
+    """A :class:`~mlssp_jax.errors.TrainingDiverged` as one ``error:`` line; exit code 1."""
+    sys.stderr.write(f"error: {err}; the last good checkpoint is kept in {kept_in}\n")
+    return 1
+
+
 def run_command(main: Callable[[Sequence[str] | None], int | None],
                 argv: Sequence[str] | None = None) -> int:
     """Run a command's ``main(argv)``; turn :class:`InputError` into ``error:`` + exit 2."""

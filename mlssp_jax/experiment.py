@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -127,8 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = run_experiment(base, args.out, parse_alphas(args.alphas),
                               parse_models(args.models), args.bootstrap)
     except TrainingDiverged as err:
-        sys.stderr.write(f"error: {err}; the last good checkpoint is kept\n")
-        return 1
+        return cli.diverged(err, "its fold's checkpoints/")
     log.info("wrote %s", path)
     return 0
 

@@ -1,7 +1,7 @@
 """The report's PNG figures: Fig. 3-6 of the paper and the training curves.
 
-Each ``figure_*`` draws from finished runs (:class:`mlssp_jax.report_tables.Run`) into one
-file and returns whether the runs had what it needs.
+Each ``figure_*`` draws one figure from finished runs (:class:`mlssp_jax.report_tables.Run`),
+or returns None if the runs lack what it needs; :func:`write_figures` saves them.
 """
 
 from __future__ import annotations
@@ -23,17 +23,22 @@ OVERLAY_SUBJECTS = 3
 MASK_COLOURS = ListedColormap(["red"])  # Fig. 5: the mask's fill (the truth is a cyan outline)
 
 
+def _with_task(by_model: dict[str, Run], task: str) -> list[Run]:
+    """The runs whose model has ``task`` ("segmentation" or "classification")."""
+    return [r for r in by_model.values() if r.summary[task]]
+
+
 def _save(fig: Figure, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def figure_per_subject(runs: Sequence[Run], path: Path) -> bool:
+def figure_per_subject(runs: Sequence[Run]) -> Figure | None:
     """Fig. 3: per-subject DSC, sensitivity, specificity and PPV of MLSSP, one box per alpha."""
     mlssp = sorted((r for r in runs if r.model == "mlssp" and r.summary["segmentation"]),
                    key=lambda r: str(r.alpha))
     if not mlssp:
-        return False
+        return None
     fig = Figure(figsize=(12, 3.4))
     axes = fig.subplots(1, len(PAPER_SEG_KEYS))
     rng = np.random.default_rng(0)  # jitter of the dots only
@@ -48,15 +53,11 @@ def figure_per_subject(runs: Sequence[Run], path: Path) -> bool:
         ax.set_title(key.upper() if key in ("dsc", "ppv") else key)
         ax.set_ylim(-0.02, 1.02)
     fig.suptitle("Per-subject segmentation metrics of MLSSP (pooled out-of-fold)")
-    _save(fig, path)
-    return True
+    return fig
 
 
-def figure_dsc_by_model(by_model: dict[str, Run], path: Path) -> bool:
-    """Fig. 4: mean DSC (bootstrap 95% CI as error bars) of each segmentation model."""
-    runs = [r for r in by_model.values() if r.summary["segmentation"]]
-    if not runs:
-        return False
+def figure_dsc_by_model(runs: Sequence[Run]) -> Figure:
+    """Fig. 4: mean DSC (bootstrap 95% CI as error bars) of each (segmentation) run."""
     means = np.array([r.summary["segmentation"]["dsc"] for r in runs])
     cis = np.array([r.summary["segmentation"]["ci95"]["dsc"] for r in runs], dtype=float)
     errors = np.abs(np.stack([means - cis[:, 0], cis[:, 1] - means]))
@@ -69,15 +70,12 @@ def figure_dsc_by_model(by_model: dict[str, Run], path: Path) -> bool:
     ax.set_ylabel("mean DSC (95% CI)")
     ax.set_ylim(0, 1)
     ax.set_title("Mean DSC by model")
-    _save(fig, path)
-    return True
+    return fig
 
 
-def figure_roc(by_model: dict[str, Run], path: Path) -> bool:
-    """Fig. 6: ROC curves of the pooled out-of-fold probabilities, AUC in the legend."""
-    runs = [r for r in by_model.values() if r.summary["classification"]]
-    if not runs:
-        return False
+def figure_roc(runs: Sequence[Run]) -> Figure:
+    """Fig. 6: ROC curves of the (classification) runs' pooled out-of-fold probabilities, AUC
+    in the legend."""
     fig = Figure(figsize=(4.8, 4.6))
     ax = fig.subplots()
     for run in runs:
@@ -93,17 +91,16 @@ def figure_roc(by_model: dict[str, Run], path: Path) -> bool:
     ax.set_ylabel("sensitivity")
     ax.set_title("ROC by model (pooled out-of-fold)")
     ax.legend(loc="lower right", fontsize=8)
-    _save(fig, path)
-    return True
+    return fig
 
 
-def figure_training_curves(runs: Sequence[Run], path: Path) -> bool:
+def figure_training_curves(runs: Sequence[Run]) -> Figure | None:
     """Training loss (solid, left axis) and inner-validation score (dashed, right axis) per
     epoch, one panel per run, one colour per fold."""
     logs = [(run, rundir.metrics_files(run.workdir)) for run in runs]
     logs = [(run, files) for run, files in logs if files]
     if not logs:
-        return False
+        return None
     cols = min(3, len(logs))
     rows = -(-len(logs) // cols)
     fig = Figure(figsize=(4.4 * cols, 3.0 * rows))
@@ -128,8 +125,7 @@ def figure_training_curves(runs: Sequence[Run], path: Path) -> bool:
         ax.set_visible(False)
     fig.suptitle("Training curves\n(solid: train loss; dashed: inner-validation score)",
                  fontsize=9)
-    _save(fig, path)
-    return True
+    return fig
 
 
 
@@ -138,16 +134,15 @@ def _axial(volume: np.ndarray, k: int) -> np.ndarray:
     return np.asarray(volume).reshape(volume.shape[:3])[:, :, k].T
 
 
-def figure_overlays(by_model: dict[str, Run], path: Path, count: int = OVERLAY_SUBJECTS) -> bool:
+def figure_overlays(runs: Sequence[Run], count: int = OVERLAY_SUBJECTS) -> Figure | None:
     """Fig. 5: axial slices through the lesion: ground truth, then each model's mask.
 
-    Subjects are spread evenly over the ids that every segmentation model has predicted.
+    Subjects are spread evenly over the ids that every (segmentation) run has predicted.
     """
-    runs = [r for r in by_model.values() if r.summary["segmentation"]]
     files = [rundir.prediction_files(r.workdir) for r in runs]
     common = sorted(set.intersection(*(set(f) for f in files))) if files else []
     if not common:
-        return False
+        return None
     spread = np.linspace(0, len(common) - 1, min(count, len(common))).astype(int)
     chosen = [common[i] for i in spread]
     fig = Figure(figsize=(2.3 * (1 + len(runs)), 2.5 * len(chosen)))
@@ -174,8 +169,7 @@ def figure_overlays(by_model: dict[str, Run], path: Path, count: int = OVERLAY_S
         row[0].set_ylabel(f"{subject}\naxial slice {k}", fontsize=8)
     fig.suptitle("Axial slice through the lesion:\nmask filled, ground truth outlined "
                  "(neurological convention)", fontsize=9)
-    _save(fig, path)
-    return True
+    return fig
 
 
 FIGURES = (("fig3_per_subject.png", "Fig. 3: per-subject segmentation metrics of MLSSP by alpha"),
@@ -187,9 +181,13 @@ FIGURES = (("fig3_per_subject.png", "Fig. 3: per-subject segmentation metrics of
 
 def write_figures(runs: Sequence[Run], by_model: dict[str, Run], out: Path) -> list[str]:
     """Draw every figure that the runs allow into ``out``; return the file names written."""
-    drawn = {FIGURES[0][0]: figure_per_subject(runs, out / FIGURES[0][0]),
-             FIGURES[1][0]: figure_dsc_by_model(by_model, out / FIGURES[1][0]),
-             FIGURES[2][0]: figure_overlays(by_model, out / FIGURES[2][0]),
-             FIGURES[3][0]: figure_roc(by_model, out / FIGURES[3][0]),
-             FIGURES[4][0]: figure_training_curves(runs, out / FIGURES[4][0])}
-    return [name for name, ok in drawn.items() if ok]
+    seg, cls = _with_task(by_model, "segmentation"), _with_task(by_model, "classification")
+    drawn = {FIGURES[0][0]: figure_per_subject(runs),
+             FIGURES[1][0]: figure_dsc_by_model(seg) if seg else None,
+             FIGURES[2][0]: figure_overlays(seg),
+             FIGURES[3][0]: figure_roc(cls) if cls else None,
+             FIGURES[4][0]: figure_training_curves(runs)}
+    for name, fig in drawn.items():
+        if fig is not None:
+            _save(fig, out / name)
+    return [name for name, fig in drawn.items() if fig is not None]

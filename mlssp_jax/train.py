@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,8 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for fold in folds:
             train_lib.train_and_evaluate(config, workdir, fold, resume=args.resume)
     except TrainingDiverged as err:
-        sys.stderr.write(f"error: {err}; the last good checkpoint is kept in {workdir}\n")
-        return 1
+        return cli.diverged(err, workdir)
     log.info("done: %s", workdir)
     return 0
 
