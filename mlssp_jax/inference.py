@@ -2,7 +2,7 @@
 
 Volumes are 3-D arrays ``(D, H, W)`` on the preprocessed 1 mm grid; a ``predict_fn`` takes a
 batch of windows ``(B, S, S, S, 1)`` float32 and returns ``{"seg_prob": (B, S, S, S[, 1]) | None,
-"cls_prob": (B,) | None}`` (probabilities in [0, 1]), as ``train_lib.make_predict_fn`` does once
+"cls_prob": (B,) | None}`` (probabilities in [0, 1]), as ``train_step.make_predict_fn`` does once
 its parameters are bound.
 """
 

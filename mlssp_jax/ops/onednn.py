@@ -18,7 +18,7 @@ source, jaxlib and oneDNN versions and the compiler, so it is built once per env
 (~3 s). No network is used.
 
 When anything is missing (no compiler, no oneDNN, another OS) :func:`status` says why and
-``conv_impl = "auto"`` falls back to the 2-D formulations of :mod:`mlssp_jax.conv_ops`.
+``conv_impl = "auto"`` falls back to the 2-D formulations of :mod:`mlssp_jax.ops.conv_ops`.
 """
 
 from __future__ import annotations
