@@ -72,13 +72,15 @@ def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[
     manifest_path = preprocess.resolve_data(config.data)
     subjects = manifest.read_manifest(manifest_path, require_masks=True)
     manifest.check_folds(subjects, config.train.num_folds, where=str(manifest_path))
+    ids = [s.subject_id for s in subjects]
+    labels = [s.label for s in subjects]
+    t = config.train
+    # before the (slow) preprocessing: a workdir split for other subjects is refused now
+    splits.check_saved(workdir, ids, labels, t.num_folds, t.inner_val_fraction, t.seed)
     # train.workers = 0 preprocesses in this process, as the loader does (cached_cohort would
     # read 0 as one process per CPU)
     paths = preprocess.cached_cohort(manifest_path, config.data, max(config.train.workers, 1),
                                      subjects=subjects)
-    ids = [s.subject_id for s in subjects]
-    labels = [s.label for s in subjects]
-    t = config.train
     split = splits.load_or_create(workdir, ids, labels, t.num_folds, t.inner_val_fraction,
                                   t.seed)[fold]
     label_of = dict(zip(ids, labels, strict=True))

@@ -1,7 +1,8 @@
-"""train_lib pieces that need no compiled model: lr schedule, NaN stop, results, selection."""
+"""train_lib and train_step without a compiled model: lr schedule, NaN stop, early checks."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from mlssp_jax import (
     train_step,
 )
 from mlssp_jax import config as config_lib
-from mlssp_jax.errors import TrainingDiverged
+from mlssp_jax.errors import InputError, TrainingDiverged
 from mlssp_jax.ops import onednn
 
 
@@ -110,3 +111,15 @@ def test_a_workdir_of_another_config_is_refused_before_the_cohort_is_made(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "another config" in err[-1]
     assert made == []
+
+
+def test_a_split_of_other_subjects_is_refused_before_preprocessing(tiny_cohort, tmp_path,
+                                                                   monkeypatch):
+    def cached_cohort(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(preprocess, "cached_cohort", cached_cohort)
+    config = config_lib.apply_overrides(config_lib.Config(), [f'data.manifest="{tiny_cohort}"'])
+    (tmp_path / "splits.json").write_text(json.dumps({"folds": [], "subjects": {"x": 0}}))
+    with pytest.raises(InputError, match="saved split has a different"):
+        train_lib.load_fold_data(config, tmp_path, fold=0)
