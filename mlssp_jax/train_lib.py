@@ -143,8 +143,13 @@ def format_duration(seconds: float) -> str:
 
 
 def time_left(epoch_seconds: list[float], epochs_left: int) -> float:
-    """The fold's estimated seconds left: the mean epoch time so far times the epochs left."""
-    return sum(epoch_seconds) / max(len(epoch_seconds), 1) * epochs_left
+    """The fold's estimated seconds left: the mean epoch time times the epochs left.
+
+    The first epoch of this process also compiles the steps, so it is left out of the mean
+    once a later epoch has been timed.
+    """
+    timed = epoch_seconds[1:] or epoch_seconds
+    return sum(timed) / max(len(timed), 1) * epochs_left
 
 
 def log_epoch(fold: int, epochs: int, record: dict, n_examples: int, is_best: bool,

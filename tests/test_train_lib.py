@@ -123,3 +123,11 @@ def test_a_split_of_other_subjects_is_refused_before_preprocessing(tiny_cohort, 
     (tmp_path / "splits.json").write_text(json.dumps({"folds": [], "subjects": {"x": 0}}))
     with pytest.raises(InputError, match="saved split has a different"):
         train_lib.load_fold_data(config, tmp_path, fold=0)
+
+
+def test_time_left_leaves_out_the_compiling_first_epoch():
+    assert train_lib.time_left([30.0], 4) == 120.0
+    assert train_lib.time_left([30.0, 2.0, 4.0], 10) == 30.0
+    assert train_lib.time_left([30.0, 2.0], 0) == 0.0
+    assert train_lib.format_duration(42) == "42 s"
+    assert train_lib.format_duration(126 * 98) == "3.4 h"
