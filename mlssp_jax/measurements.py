@@ -11,7 +11,7 @@ parallelogram of the grid, so anisotropic and oblique grids are exact), searched
 practice, and what :func:`abc2` uses by default); ``weighted=True`` applies Kothari's rule
 instead: slices with at least 75% of the largest area count 1, 25-75% count 0.5, fewer 0.
 The axial slices are those of the voxel axis closest to world z (superior). Only the
-largest 26-connected lesion is measured, as a clinician measures the hematoma, not every
+largest 6-connected lesion is measured, as a clinician measures the hematoma, not every
 speck a segmentation marks.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlssp_jax.inference import largest_component
+from mlssp_jax.masks import largest_component
 
 ANGLES = 360  # directions searched over [0, 180) degrees for the largest diameter
 FULL_SLICE, HALF_SLICE = 0.75, 0.25  # Kothari's weighting thresholds (fraction of the max area)

@@ -10,15 +10,11 @@ the voxel volume, ABC/2 and their difference, and the AVM probability and label.
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mlssp_jax import measurements  # noqa: E402
-from mlssp_jax.fileio import atomic_path  # noqa: E402
+from mlssp_jax import measurements
+from mlssp_jax.fileio import atomic_path
 
 WINDOW_HU = (0.0, 100.0)
 HEAD_HU = -300.0  # panels are cropped to the voxels above this (the head), plus a margin
@@ -125,8 +121,8 @@ def write_overlay(path, image_hu: np.ndarray, affine: np.ndarray, mask: np.ndarr
     crop = _crop(image_hu, plane)
     image_hu, mask = image_hu[tuple(crop)], mask[tuple(crop)]
     width, height = figure_size_px()
-    fig, axes = plt.subplots(1, PANELS, figsize=(width / DPI, height / DPI), dpi=DPI,
-                             facecolor="black")
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="black")
+    axes = fig.subplots(1, PANELS)
     for ax in axes:
         ax.set_axis_off()
     for ax, index in zip(axes, picks, strict=False):
@@ -147,4 +143,3 @@ def write_overlay(path, image_hu: np.ndarray, affine: np.ndarray, mask: np.ndarr
                         top=1 - TITLE_INCHES / (PANEL_INCHES + TITLE_INCHES))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=DPI, facecolor="black", format="png")
-    plt.close(fig)
