@@ -37,7 +37,8 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from mlssp_jax import config as config_lib
-from mlssp_jax import cpu_env, ensemble, inference, models, nifti, preprocess
+from mlssp_jax import ensemble, inference, models, nifti, preprocess
+from mlssp_jax.ops import cpu_env
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -146,7 +147,7 @@ def batch_flops(model_cfg: config_lib.ModelConfig, params: list,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cpu_env.maybe_reexec()  # GLIBC_TUNABLES for both frameworks (MLSSP_JAX_NO_CPU_TUNING=1: off)
+    cpu_env.prepare_process()  # GLIBC_TUNABLES for both frameworks (MLSSP_JAX_NO_CPU_TUNING=1: off)
     torch.set_num_threads(os.cpu_count() or 1)
     model_cfg = config_lib.ModelConfig(name="unet3d", width=args.width)
     net = models.build_model(model_cfg)

@@ -2,7 +2,7 @@
 
 Volumes are 3-D arrays ``(D, H, W)`` on the preprocessed 1 mm grid; a ``predict_fn`` takes a
 batch of windows ``(B, S, S, S, 1)`` float32 and returns ``{"seg_prob": (B, S, S, S[, 1]) | None,
-"cls_prob": (B,) | None}`` (probabilities in [0, 1]), as ``train_lib.make_predict_fn`` does once
+"cls_prob": (B,) | None}`` (probabilities in [0, 1]), as ``train_step.make_predict_fn`` does once
 its parameters are bound, or :class:`mlssp_jax.ensemble.Ensemble`'s ``windows`` / ``voi``
 (every fold and TTA view in one compiled call).
 
@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from mlssp_jax import augment, ensemble, voi
+from mlssp_jax import augment, ensemble, masks, metrics, voi
 
 PredictFn = Callable[[np.ndarray], dict]
 
@@ -186,21 +186,12 @@ def predict_volume(volume: np.ndarray, brain: np.ndarray, model: ensemble.Ensemb
     return prob
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a boolean mask (D, H, W); all False if empty."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    if count == 0:
-        return np.zeros(mask.shape, bool)
-    sizes = np.bincount(labels.ravel())[1:]
-    return labels == (1 + int(np.argmax(sizes)))
-
-
 def classification_centre(prob: np.ndarray, threshold: float) -> np.ndarray:
     """(3,) int voxel index: the centre of mass of the largest predicted lesion.
 
     With no voxel above ``threshold``, the voxel of highest probability (the likeliest lesion).
     """
-    component = largest_component(prob >= threshold)
+    component = masks.largest_component(metrics.binarize(prob, threshold))
     if not component.any():
         return np.array(np.unravel_index(int(np.argmax(prob)), prob.shape))
     return np.round(ndimage.center_of_mass(component)).astype(int)
@@ -234,7 +225,7 @@ def resample_mask(prob: np.ndarray, prob_affine: np.ndarray, input_affine: np.nd
     the mask is 0. The result equals interpolating every input voxel.
     """
     mask = np.zeros(tuple(input_shape), np.uint8)
-    above = np.argwhere(prob >= threshold)
+    above = np.argwhere(metrics.binarize(prob, threshold))
     if above.size == 0:
         return mask
     index_map = np.linalg.inv(prob_affine) @ input_affine  # input index -> prob index
@@ -250,5 +241,6 @@ def resample_mask(prob: np.ndarray, prob_affine: np.ndarray, input_affine: np.nd
     moved = ndimage.affine_transform(prob.astype(np.float32), index_map[:3, :3], offset,
                                      output_shape=tuple(last - first), order=1,
                                      mode="constant", cval=0.0)
-    mask[tuple(slice(a, b) for a, b in zip(first, last, strict=True))] = moved >= threshold
+    mask[tuple(slice(a, b) for a, b in zip(first, last, strict=True))] = metrics.binarize(
+        moved, threshold)
     return mask

@@ -7,9 +7,12 @@ over the brain (only windows holding a brain voxel) with the ensemble of the run
 folds (or fold K; every fold and TTA view in one compiled call per batch of windows),
 classified from the VOI centred on the largest predicted lesion, and its mask resampled
 back (trilinear probability, then threshold) to the scan's own grid and affine. Writes
-``O/<name>_mask.nii.gz`` (the scan's shape and affine) and ``O/<name>.json``; logs each
-scan's wall seconds (load / preprocess / windows / classify / resample / write). Compiled
-programs are cached under ``$MLSSP_JAX_CACHE/jax_cache``.
+``O/<name>_mask.nii.gz`` (the scan's shape and affine) and ``O/<name>.json``, plus
+``O/<name>_overlay.png`` and ``O/predictions.csv`` (:mod:`mlssp_jax.scan_outputs`). A SCAN
+is a NIfTI file or a DICOM series folder; a DIR of NIfTI files means those files
+(:mod:`mlssp_jax.scans`). Logs each scan's wall and CPU seconds (load / preprocess /
+windows / classify / resample / write); compiled programs are cached under
+``$MLSSP_JAX_CACHE/jax_cache``.
 """
 
 from __future__ import annotations
@@ -25,39 +28,37 @@ import numpy as np
 from tqdm import tqdm
 
 from mlssp_jax import (
+    cache,
     checkpointing,
     cli,
-    cpu_env,
     ensemble,
     inference,
+    metrics,
     models,
     nifti,
     preprocess,
+    rundir,
+    scan_outputs,
+    scans,
 )
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
-from mlssp_jax.fileio import write_json
+from mlssp_jax.ops import cpu_env
 
 log = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DEFAULT_OVERLAP = 0.5
 DEFAULT_BATCH = 4
-
-
-def finished_folds(workdir: Path, num_folds: int) -> list[int]:
-    """Folds of the run with an ``eval.json`` (training and evaluation finished)."""
-    return [k for k in range(num_folds) if (workdir / f"fold_{k}" / "eval.json").is_file()]
 
 
 def load_ensemble(workdir: Path, fold: int | None = None, tta: str = "none"
                   ) -> tuple[config_lib.Config, list[int], ensemble.Ensemble]:
     """The run's config, the folds used and their best checkpoints stacked into one
     :class:`~mlssp_jax.ensemble.Ensemble` (every fold in one compiled call; ``tta`` views)."""
-    cfg = config_lib.load(workdir / "config.toml")
+    cfg = rundir.read_config(workdir)
     if not models.has_tasks(cfg.model.name)[0]:
         raise InputError(f"{workdir}: model '{cfg.model.name}' has no segmentation branch")
-    done = finished_folds(workdir, cfg.train.num_folds)
+    done = rundir.finished_folds(workdir, cfg.train.num_folds)
     if fold is not None:
         if fold not in done:
             raise InputError(f"--fold {fold}: fold not finished in {workdir} (finished: {done})")
@@ -68,12 +69,8 @@ def load_ensemble(workdir: Path, fold: int | None = None, tta: str = "none"
     return cfg, done, ensemble.make_ensemble(cfg.model, params, tta)
 
 
+brain_box = inference.brain_box
 resample_to_input = inference.resample_mask
-
-
-def voxel_volume_ml(affine: np.ndarray) -> float:
-    """Volume of one voxel of a grid with this affine, in mL (1 mL = 1000 mm^3)."""
-    return abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
 
 
 def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.PredictFn,
@@ -106,9 +103,9 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
     mask = inference.resample_mask(prob, pre["affine"], image.affine, image.data.shape,
                                    threshold)
     clock.lap("resample")
-    return {"mask": mask, "volume_ml": float(mask.sum()) * voxel_volume_ml(image.affine),
-            "avm_probability": avm_probability,
-            "label": None if avm_probability is None else int(avm_probability >= threshold),
+    label = None if avm_probability is None else int(metrics.binarize(avm_probability, threshold))
+    return {"mask": mask, "volume_ml": float(mask.sum()) * image.voxel_volume_ml,
+            "avm_probability": avm_probability, "label": label,
             "voi_centre_mm": (pre["affine"] @ np.append(centre, 1.0))[:3].round(1).tolist()}
 
 
@@ -125,43 +122,11 @@ class _Clock:
         self.last = now
 
 
-def scan_paths(items: Sequence[Path]) -> list[Path]:
-    """The NIfTI files named, a directory standing for the NIfTI files in it (sorted)."""
-    paths = []
-    for item in items:
-        if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
-            if not found:
-                raise InputError(f"{item}: no .nii or .nii.gz file in the directory")
-            paths += found
-        elif not item.is_file():
-            raise InputError(f"{item}: no such file or directory")
-        elif not item.name.endswith(NIFTI_SUFFIXES):
-            raise InputError(f"{item}: not a NIfTI file (.nii or .nii.gz)")
-        else:
-            paths.append(item)
-    return paths
-
-
-def scan_name(path: Path) -> str:
-    """The file name without .nii / .nii.gz."""
-    return path.name.removesuffix(".gz").removesuffix(".nii")
-
-
-def write_outputs(out: Path, path: Path, image: nifti.Volume, result: dict, info: dict) -> None:
-    """``out/<name>_mask.nii.gz`` (the input's grid) and ``out/<name>.json``, each atomically."""
-    name = scan_name(path)
-    nifti.save(out / f"{name}_mask.nii.gz", result["mask"], image.affine)
-    record = {"image": str(path), **{k: v for k, v in result.items() if k != "mask"},
-              "voxels": int(result["mask"].sum()), **info}
-    write_json(out / f"{name}.json", record)
-
-
 def _parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="python -m mlssp_jax.predict", description=__doc__)
     parser.add_argument("--workdir", required=True, type=Path, help="a trained run directory")
     parser.add_argument("--image", required=True, nargs="+", type=Path,
-                        help="NIfTI scans, or directories of them")
+                        help="NIfTI scans, folders of them, or DICOM series folders")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output directory")
     parser.add_argument("--fold", type=int, default=None, help="use this fold only")
     parser.add_argument("--tta", nargs="?", const="all", default="none",
@@ -178,6 +143,8 @@ def _parser() -> cli.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="windows per batch")
     parser.add_argument("--no-gaussian", action="store_true",
                         help="average overlapping windows uniformly, not Gaussian-weighted")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="also write O/<name>_seg.dcm (DICOM SEG) for DICOM series inputs")
     return parser
 
 
@@ -187,8 +154,7 @@ def use_compilation_cache() -> None:
     ``predict`` with the same model, window and batch does not compile again."""
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
-    root = os.environ.get("MLSSP_JAX_CACHE") or Path.home() / ".cache" / "mlssp_jax"
-    jax.config.update("jax_compilation_cache_dir", str(Path(root) / "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", str(cache.cache_root() / "jax_cache"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,30 +166,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.window is not None and (args.window < 16 or args.window % 16):
         raise InputError(f"--window: must be a positive multiple of 16, got {args.window}")
-    paths = scan_paths(args.image)
+    paths = scans.scan_paths(args.image)
     use_compilation_cache()
     cfg, folds, model = load_ensemble(args.workdir, args.fold, args.tta)
     window = args.window or cfg.data.voi_size
     info = {"model": cfg.model.name, "folds": folds, "threshold": cfg.train.threshold,
             "tta": args.tta, "overlap": args.overlap, "window": window}
+    rows = []
     for path in tqdm(paths, desc="predict", unit="scan"):
+        start = time.perf_counter()
         timings: dict = {}
         clock = _Clock(timings)
-        image = nifti.load_image(path)
+        image = scans.load_scan(path)
         clock.lap("load")
         result = predict_scan(image, model, cfg, args.overlap, args.batch_size, window,
                               not args.no_gaussian, timings)
         clock = _Clock(timings)
-        write_outputs(args.out, path, image, result, info)
+        row = scan_outputs.write_scan(args.out, path, image, result, info, args.dicom_seg)
         clock.lap("write")
-        log.info("%s: %.2f mL, AVM probability %s", path.name, result["volume_ml"],
-                 result["avm_probability"])
+        rows.append({**row, "seconds": round(time.perf_counter() - start, 2)})
+        log.info("%s: %.2f mL (ABC/2 %s mL), AVM probability %s", path.name,
+                 result["volume_ml"], row["abc2_ml"], result["avm_probability"])
         log.info("%s: wall s %s (CPU s %s)", path.name,
                  " / ".join(f"{k} {v[0]:.2f}" for k, v in timings.items()),
                  " / ".join(f"{v[1]:.2f}" for v in timings.values()))
+    scan_outputs.write_table(args.out, rows)
     return 0
 
 
 if __name__ == "__main__":
-    cpu_env.maybe_reexec()  # glibc malloc tunables, read only at process start
+    cpu_env.prepare_process()  # glibc malloc tunables and XLA flags, read at process start
     raise SystemExit(cli.run_command(main))
