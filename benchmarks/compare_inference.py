@@ -8,7 +8,7 @@ MONAI runs ``monai.inferers.sliding_window_inference(mode="gaussian")`` (sigma 1
 window, as ours) with the same window, overlap and batch of windows; the ensemble of
 ``--folds`` models is one predictor averaging the models on each batch of windows (MONAI has
 no stacked ensemble). Ours is :func:`mlssp_jax.inference.sliding_window_predict` over
-:class:`mlssp_jax.ensemble.Ensemble` (all folds in one compiled call), once over every window
+:class:`mlssp_jax.ensemble.Ensemble` (every fold on the device, mean there), once over every window
 ("ours all windows", the same work as MONAI) and once over the windows holding brain
 ("ours brain windows", what ``predict`` does). Input: the brain's bounding box of one
 preprocessed scan (``--image``, else a generated full-size synthetic subject).
@@ -142,7 +142,8 @@ def batch_flops(model_cfg: config_lib.ModelConfig, params: list,
     """XLA's FLOPs of one batched windows call with native convolutions (every fold)."""
     xla_cfg = dataclasses.replace(model_cfg, conv_impl="xla")
     xla_model = ensemble.make_ensemble(xla_cfg, params)
-    return common.compiled_flops(xla_model.lower_windows(args.batch, args.window).compile())
+    flops = common.compiled_flops(xla_model.lower_windows(args.batch, args.window).compile())
+    return flops * xla_model.folds
 
 
 def main(argv: list[str] | None = None) -> int:

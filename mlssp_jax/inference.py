@@ -4,7 +4,7 @@ Volumes are 3-D arrays ``(D, H, W)`` on the preprocessed 1 mm grid; a ``predict_
 batch of windows ``(B, S, S, S, 1)`` float32 and returns ``{"seg_prob": (B, S, S, S[, 1]) | None,
 "cls_prob": (B,) | None}`` (probabilities in [0, 1]), as ``train_step.make_predict_fn`` does once
 its parameters are bound, or :class:`mlssp_jax.ensemble.Ensemble`'s ``windows`` / ``voi``
-(every fold and TTA view in one compiled call).
+(every fold dispatched in turn, TTA views inside the call, the mean on the device).
 
 Whole scan, from a preprocessed volume and its brain mask to a probability:
 ``predict_volume(volume, brain, make_ensemble(cfg.model, [params, ...], tta), window)``.
@@ -177,7 +177,7 @@ def predict_volume(volume: np.ndarray, brain: np.ndarray, model: ensemble.Ensemb
 
     Sliding windows over the brain's bounding box only, and only windows holding a brain
     voxel (``brain`` (D, H, W) 0/1); 0 elsewhere. ``model`` averages its folds and TTA
-    views in one compiled call per batch (:func:`mlssp_jax.ensemble.make_ensemble`).
+    views on the device (:func:`mlssp_jax.ensemble.make_ensemble`).
     """
     box = brain_box(brain, window)
     prob = np.zeros(volume.shape, np.float32)

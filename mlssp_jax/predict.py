@@ -4,7 +4,7 @@
 [--tta [none|flips|all]] [--window S] [--overlap F] [--batch-size B] [--no-gaussian]``: each
 scan is preprocessed as in training (no mask), segmented by Gaussian-weighted sliding windows
 over the brain (only windows holding a brain voxel) with the ensemble of the run's finished
-folds (or fold K; every fold and TTA view in one compiled call per batch of windows),
+folds (or fold K; their mean and the TTA views computed on the device),
 classified from the VOI centred on the largest predicted lesion, and its mask resampled
 back (trilinear probability, then threshold) to the scan's own grid and affine. Writes
 ``O/<name>_mask.nii.gz`` (the scan's shape and affine) and ``O/<name>.json``, plus
@@ -54,7 +54,7 @@ DEFAULT_BATCH = 4
 def load_ensemble(workdir: Path, fold: int | None = None, tta: str = "none"
                   ) -> tuple[config_lib.Config, list[int], ensemble.Ensemble]:
     """The run's config, the folds used and their best checkpoints stacked into one
-    :class:`~mlssp_jax.ensemble.Ensemble` (every fold in one compiled call; ``tta`` views)."""
+    :class:`~mlssp_jax.ensemble.Ensemble` (their mean on the device; ``tta`` views)."""
     cfg = rundir.read_config(workdir)
     if not models.has_tasks(cfg.model.name)[0]:
         raise InputError(f"{workdir}: model '{cfg.model.name}' has no segmentation branch")

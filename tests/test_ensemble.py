@@ -1,4 +1,4 @@
-"""The stacked-folds ensemble: one compiled call equals the per-fold predictions' mean, on-device
+"""The fold ensemble: its device-side mean equals the per-fold predictions' mean, on-device
 TTA equals the host's, and windows larger than the training VOI stay close to it."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def two_folds():
     return cfg, [models.init_params(net, 16, seed) for seed in (0, 1)]
 
 
-def test_stacked_folds_equal_the_mean_of_per_fold_predictions(two_folds):
+def test_ensemble_equals_the_mean_of_per_fold_predictions(two_folds):
     cfg, params = two_folds
     images = np.random.default_rng(0).random((2, 16, 16, 16, 1), dtype=np.float32)
     per_fold = [train_lib.make_predict_fn(cfg)(p, images) for p in params]
