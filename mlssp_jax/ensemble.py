@@ -98,7 +98,7 @@ def _compiled(model_cfg: ModelConfig, tta: str) -> tuple[Any, Any]:
 
     def voi_fn(params: Any, images: jax.Array) -> dict:
         out = net.apply({"params": params}, images)
-        return {k: None if v is None else jax.nn.sigmoid(v) for k, v in out.items()}
+        return {f"{k}_prob": None if v is None else jax.nn.sigmoid(v) for k, v in out.items()}
 
     return jax.jit(windows_fn), jax.jit(voi_fn)
 
