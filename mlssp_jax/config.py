@@ -32,7 +32,7 @@ class DataConfig:
     brain above ``strip_brain_min_hu``; bone-like (partial-volume bone) at or above
     ``strip_bone_like_hu``, removed where connected to the skull within ``strip_rim_mm``;
     hematoma cores where the HU smoothed by ``strip_smooth_mm`` (Gaussian sigma) is in
-    ``[strip_hematoma_min_hu, strip_bone_like_hu)`` and at least ``strip_core_mm`` deep,
+    ``[strip_hematoma_min_hu, strip_hematoma_max_hu)`` and at least ``strip_core_mm`` deep,
     protecting the bone-like voxels within ``strip_core_mm + strip_protect_mm`` and their
     partial-volume rim below ``strip_rim_max_hu``.
     """
@@ -53,6 +53,7 @@ class DataConfig:
     strip_bone_like_hu: float = 100.0
     strip_rim_mm: float = 10.0
     strip_hematoma_min_hu: float = 50.0
+    strip_hematoma_max_hu: float = 150.0
     strip_smooth_mm: float = 1.0
     strip_core_mm: float = 2.0
     strip_protect_mm: float = 6.0
@@ -255,12 +256,14 @@ def _validate_strip(d: DataConfig, where: str) -> None:
     for name in ("strip_bone_closing_mm", "strip_rim_mm", "strip_smooth_mm", "strip_core_mm",
                  "strip_protect_mm"):
         _check(getattr(d, name) >= 0, where, f"data.{name} must be >= 0 (mm)")
-    order = ("strip_brain_min_hu", "strip_hematoma_min_hu", "strip_bone_like_hu",
-             "strip_bone_hu", "strip_rim_max_hu")
-    for low, high in zip(order, order[1:], strict=False):
-        ok = getattr(d, low) <= getattr(d, high) if high == "strip_rim_max_hu" \
-            else getattr(d, low) < getattr(d, high)
-        _check(ok, where, f"data.{high} must be above data.{low} (HU)")
+    below = (("strip_brain_min_hu", "strip_hematoma_min_hu"),
+             ("strip_hematoma_min_hu", "strip_bone_like_hu"),
+             ("strip_hematoma_min_hu", "strip_hematoma_max_hu"),
+             ("strip_bone_like_hu", "strip_bone_hu"), ("strip_hematoma_max_hu", "strip_bone_hu"),
+             ("strip_bone_hu", "strip_rim_max_hu"))
+    for low, high in below:
+        _check(getattr(d, low) < getattr(d, high), where,
+               f"data.{high} must be above data.{low} (HU)")
 
 
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:

@@ -9,8 +9,9 @@ Steps (scipy.ndimage only; every threshold and margin is a ``strip_*`` field of
    cuts the head (partial coverage, gantry tilt). Air (sinuses, mastoid cells) is below
    ``strip_brain_min_hu`` and never brain.
 2. Hematoma cores: cavity voxels whose HU, smoothed by a Gaussian of ``strip_smooth_mm``,
-   lies in ``[strip_hematoma_min_hu, strip_bone_like_hu)``, opened by ``strip_core_mm`` (thin
-   partial-volume bands between bone and brain vanish; a clot does not). Voxels within
+   lies in ``[strip_hematoma_min_hu, strip_hematoma_max_hu)`` (a clot, 50-90 HU, denser where
+   it retracts or calcifies), opened by ``strip_core_mm`` (the thin partial-volume bands
+   between bone and brain vanish; a clot does not). Voxels within
    ``strip_core_mm + strip_protect_mm`` of a core are protected.
 3. The skull = bone components touching the outside of the cavity (calcifications inside the
    brain are not). Removed = the skull grown geodesically through unprotected bone-like voxels
@@ -36,7 +37,8 @@ from mlssp_jax.config import DataConfig
 
 STRIP_FIELDS = ("strip_bone_hu", "strip_bone_closing_mm", "strip_brain_min_hu",
                 "strip_bone_like_hu", "strip_rim_mm", "strip_hematoma_min_hu",
-                "strip_smooth_mm", "strip_core_mm", "strip_protect_mm", "strip_rim_max_hu")
+                "strip_hematoma_max_hu", "strip_smooth_mm", "strip_core_mm", "strip_protect_mm",
+                "strip_rim_max_hu")
 
 
 def params(data_cfg: DataConfig) -> dict[str, float]:
@@ -90,7 +92,7 @@ def _bone_and_cavity(hu: np.ndarray, fov: np.ndarray, cfg: DataConfig):
 def _protected(hu: np.ndarray, cavity: np.ndarray, cfg: DataConfig) -> np.ndarray:
     """Bool: voxels within ``strip_core_mm + strip_protect_mm`` of a hematoma core."""
     smooth = ndimage.gaussian_filter(hu, cfg.strip_smooth_mm / cfg.spacing_mm)
-    dense = cavity & (smooth >= cfg.strip_hematoma_min_hu) & (smooth < cfg.strip_bone_like_hu)
+    dense = cavity & (smooth >= cfg.strip_hematoma_min_hu) & (smooth < cfg.strip_hematoma_max_hu)
     core_mm = cfg.strip_core_mm
     if core_mm > 0:
         dense = ndimage.distance_transform_edt(dense, sampling=cfg.spacing_mm) > core_mm

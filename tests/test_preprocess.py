@@ -95,7 +95,9 @@ def test_output_format_and_superficial_lesion_kept(case):
     assert out["lesion_kept_fraction"] >= 0.99
     brain_ml = out["brain"].sum() / 1000.0
     cavity_ml = 4 / 3 * np.pi * SKULL_IN_MM**3 / 1000.0
-    assert 0.9 < brain_ml / cavity_ml < 1.05  # the skull and scalp are gone, the brain is not
+    # the skull and scalp are gone, the brain is not; the partial-volume rim (HU >= 100, over
+    # ~7% bone) goes too: on this 26 mm head with 5 mm slices about a tenth of the cavity
+    assert 0.85 < brain_ml / cavity_ml < 1.05
 
 
 def test_tilted_slab_cutting_through_the_head_keeps_the_brain_at_its_edge():

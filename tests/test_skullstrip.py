@@ -19,9 +19,9 @@ CFG = DataConfig(spacing_mm=2.0)  # a coarse output grid keeps the tests fast
 INNER_MM = np.array([66.0, 82.0, 70.0])  # semi-axes of the inner table (world mm, RAS)
 FLOOR_MM, BASE_MM = -30.0, -42.0  # top and bottom of the skull base
 CANAL = np.array([0.0, -25.0])  # (x, y) of the foramen magnum and spinal canal
-# (centre mm, radius mm, HU): against the inner table (flattened by it), under the vertex,
-# on the skull base
-HEMATOMAS = [((54.0, 10.0, 15.0), 12.0, 75.0), ((-20.0, 20.0, 55.0), 10.0, 85.0),
+# (centre mm, radius mm, HU): against the inner table (flattened by it), under the vertex
+# (dense: half its voxels >= 100 HU with the noise), on the skull base
+HEMATOMAS = [((54.0, 10.0, 15.0), 12.0, 75.0), ((-20.0, 20.0, 55.0), 10.0, 97.0),
              ((25.0, 10.0, -22.0), 10.0, 70.0)]
 
 
@@ -174,7 +174,8 @@ def test_strip_parameters_are_config_fields_in_the_cache_key():
 
 @pytest.mark.parametrize("override", ["data.strip_rim_mm=-1", "data.strip_bone_hu=50",
                                       "data.strip_hematoma_min_hu=-30",
-                                      "data.strip_rim_max_hu=200", "data.strip_core_mm=-0.5"])
+                                      "data.strip_rim_max_hu=200", "data.strip_core_mm=-0.5",
+                                      "data.strip_hematoma_max_hu=40"])
 def test_bad_strip_parameters_rejected(override):
     with pytest.raises(InputError, match=override.split("=")[0]):
         config.load(None, [override])
