@@ -53,9 +53,9 @@ class DataConfig:
     strip_bone_like_hu: float = 100.0
     strip_rim_mm: float = 10.0
     strip_hematoma_min_hu: float = 50.0
-    strip_hematoma_max_hu: float = 150.0
+    strip_hematoma_max_hu: float = 100.0
     strip_smooth_mm: float = 1.0
-    strip_core_mm: float = 2.0
+    strip_core_mm: float = 2.5
     strip_protect_mm: float = 6.0
     strip_rim_max_hu: float = 700.0
 

@@ -21,7 +21,7 @@ FLOOR_MM, BASE_MM = -30.0, -42.0  # top and bottom of the skull base
 CANAL = np.array([0.0, -25.0])  # (x, y) of the foramen magnum and spinal canal
 # (centre mm, radius mm, HU): against the inner table (flattened by it), under the vertex
 # (dense: half its voxels >= 100 HU with the noise), on the skull base
-HEMATOMAS = [((54.0, 10.0, 15.0), 12.0, 75.0), ((-20.0, 20.0, 55.0), 10.0, 97.0),
+HEMATOMAS = [((54.0, 10.0, 15.0), 12.0, 75.0), ((-20.0, 20.0, 55.0), 10.0, 94.0),
              ((25.0, 10.0, -22.0), 10.0, 70.0)]
 
 
@@ -48,10 +48,12 @@ def _hematomas(p, cavity):
     return label
 
 
-def _skull_and_below(p, hu):
-    """Scalp, skull, skull base (with sinuses and a foramen), face, neck, vertebra, head rest."""
+def _skull_and_below(p, hu, bone_scale):
+    """Scalp, skull, skull base (with sinuses and a foramen), face, neck, vertebra, head rest;
+    bone HU times ``bone_scale``."""
     above_base, below = p[2] > BASE_MM, (p[2] <= BASE_MM) & (p[2] > -110.0)
-    for grow, value in ((12.0, 40.0), (7.0, 1300.0), (5.0, 550.0), (2.0, 1200.0)):
+    for grow, value in ((12.0, 40.0), (7.0, 1300.0 * bone_scale), (5.0, 550.0 * bone_scale),
+                        (2.0, 1200.0 * bone_scale)):
         hu[_inside(p, INNER_MM + grow) & above_base] = value  # scalp, tables, diploe
     hu[below & _inside(p, (INNER_MM + 10.0) / [1, 1, 0.6])] = 40.0  # face
     hu[below & _disc(p, (0.0, -10.0), 50.0)] = 40.0  # neck
@@ -63,10 +65,10 @@ def _skull_and_below(p, hu):
     hu[(np.abs(p[0]) < 70) & (p[1] > -106) & (p[1] < -100) & (p[2] < 30)] = 250.0  # head rest
 
 
-def _phantom(p):
+def _phantom(p, bone_scale):
     """``(hu, lesion)`` of the analytic head at world points ``p`` (3, N)."""
     hu = np.full(p.shape[1], -1000.0, dtype=np.float32)
-    _skull_and_below(p, hu)
+    _skull_and_below(p, hu, bone_scale)
     cavity = _cavity(p)
     hu[cavity] = 10.0  # CSF
     hu[cavity & _inside(p, INNER_MM - 2.0)] = 32.0  # brain
@@ -78,7 +80,7 @@ def _phantom(p):
     return hu, lesion
 
 
-def _scan(rotation, spacing, z_range, seed=0, sub=4):
+def _scan(rotation, spacing, z_range, bone_scale=1.0, seed=0, sub=4):
     """A scan of the head: each voxel the mean of ``sub`` samples along its slice (thick-slice
     partial volume), 4 HU noise; the lesion label at the voxel centres."""
     spacing = np.asarray(spacing, dtype=float)
@@ -92,8 +94,8 @@ def _scan(rotation, spacing, z_range, seed=0, sub=4):
     world = (affine[:3, :3] @ index + affine[:3, 3:]).astype(np.float32)
     hu = np.zeros(index.shape[1], dtype=np.float32)
     for offset in (np.arange(sub) + 0.5) / sub - 0.5:
-        hu += _phantom(world + (affine[:3, 2:3] * offset).astype(np.float32))[0] / sub
-    lesion = _phantom(world)[1]
+        hu += _phantom(world + (affine[:3, 2:3] * offset).astype(np.float32), bone_scale)[0] / sub
+    lesion = _phantom(world, bone_scale)[1]
     hu += np.random.default_rng(seed).normal(0.0, 4.0, len(hu)).astype(np.float32)
     return hu.reshape(shape), lesion.reshape(shape), affine
 
@@ -103,11 +105,12 @@ def _tilt(deg):
     return np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
 
 
-SCANS = {  # rotation, spacing mm, z range mm (world)
-    "ras_5mm_whole_head": (np.eye(3), (1.5, 1.5, 5.0), (-100.0, 90.0)),
+SCANS = {  # rotation, spacing mm, z range mm (world)[, bone HU scale]
+    "ras_5mm_whole_head": (np.eye(3), (1.5, 1.5, 5.0), (-100.5, 89.5)),  # a slice: 0.5 mm floor
     "lps_oblique_4.5mm": (np.diag([-1.0, -1.0, 1.0]) @ _tilt(15.0), (1.6, 1.6, 4.5),
                           (-90.0, 85.0)),
     "ras_2mm_cut_below": (np.eye(3), (1.5, 1.5, 2.0), (-12.0, 80.0)),  # partial coverage
+    "ras_6mm_soft_bone": (np.eye(3), (1.5, 1.5, 6.0), (-100.0, 90.0), 0.6),  # tables ~750 HU
 }
 
 
