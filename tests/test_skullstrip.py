@@ -106,7 +106,7 @@ def _tilt(deg):
 
 
 SCANS = {  # rotation, spacing mm, z range mm (world)[, bone HU scale]
-    "ras_5mm_whole_head": (np.eye(3), (1.5, 1.5, 5.0), (-100.5, 89.5)),  # a slice: 0.5 mm floor
+    "ras_5mm_whole_head": (np.eye(3), (1.5, 1.5, 5.0), (-100.5, 89.5)),  # 0.5 mm floor in a slice
     "lps_oblique_4.5mm": (np.diag([-1.0, -1.0, 1.0]) @ _tilt(15.0), (1.6, 1.6, 4.5),
                           (-90.0, 85.0)),
     "ras_2mm_cut_below": (np.eye(3), (1.5, 1.5, 2.0), (-12.0, 80.0)),  # partial coverage
