@@ -33,8 +33,9 @@ class DataConfig:
     ``strip_bone_like_hu``, removed where connected to the skull within ``strip_rim_mm``;
     hematoma cores where the HU smoothed by ``strip_smooth_mm`` (Gaussian sigma) is in
     ``[strip_hematoma_min_hu, strip_hematoma_max_hu)`` and at least ``strip_core_mm`` deep,
-    protecting the bone-like voxels within ``strip_core_mm + strip_protect_mm`` and their
-    partial-volume rim below ``strip_rim_max_hu``.
+    protecting the bone-like voxels within ``strip_core_mm + strip_protect_mm``, where the
+    brain grows by up to ``strip_rim_grow_mm`` into the partial-volume rim below
+    ``strip_rim_max_hu``.
     """
 
     manifest: str = ""
@@ -56,7 +57,8 @@ class DataConfig:
     strip_hematoma_max_hu: float = 100.0
     strip_smooth_mm: float = 1.0
     strip_core_mm: float = 2.5
-    strip_protect_mm: float = 6.0
+    strip_protect_mm: float = 10.0
+    strip_rim_grow_mm: float = 4.0
     strip_rim_max_hu: float = 700.0
 
 
@@ -254,7 +256,7 @@ def validate(config: Config, where: str = "config") -> None:
 def _validate_strip(d: DataConfig, where: str) -> None:
     """The skull-stripping fields: HU thresholds in order, margins >= 0 mm."""
     for name in ("strip_bone_closing_mm", "strip_rim_mm", "strip_smooth_mm", "strip_core_mm",
-                 "strip_protect_mm"):
+                 "strip_protect_mm", "strip_rim_grow_mm"):
         _check(getattr(d, name) >= 0, where, f"data.{name} must be >= 0 (mm)")
     below = (("strip_brain_min_hu", "strip_hematoma_min_hu"),
              ("strip_hematoma_min_hu", "strip_bone_like_hu"),

@@ -20,7 +20,7 @@ Steps (scipy.ndimage only; every threshold and margin is a ``strip_*`` field of
    ``strip_bone_like_hu`` (brain, blood) nor a bone-like voxel of a protected clot.
 4. Brain = the largest component of the cavity's soft tissue (HU > ``strip_brain_min_hu``)
    minus the removed voxels, holes filled (ventricles, calcifications), grown - only where
-   protected - by up to ``strip_protect_mm`` through the partial-volume rim below
+   protected - by up to ``strip_rim_grow_mm`` through the partial-volume rim below
    ``strip_rim_max_hu``, so a hematoma against the inner table keeps its outermost voxels
    (half blood, half bone: several hundred HU on thick slices).
 
@@ -38,7 +38,7 @@ from mlssp_jax.config import DataConfig
 STRIP_FIELDS = ("strip_bone_hu", "strip_bone_closing_mm", "strip_brain_min_hu",
                 "strip_bone_like_hu", "strip_rim_mm", "strip_hematoma_min_hu",
                 "strip_hematoma_max_hu", "strip_smooth_mm", "strip_core_mm", "strip_protect_mm",
-                "strip_rim_max_hu")
+                "strip_rim_grow_mm", "strip_rim_max_hu")
 
 
 def params(data_cfg: DataConfig) -> dict[str, float]:
@@ -126,7 +126,7 @@ def skull_strip(hu: np.ndarray, fov: np.ndarray, cfg: DataConfig) -> np.ndarray:
     brain = _largest_component(cavity & ~removed & (hu > cfg.strip_brain_min_hu))
     brain = _fill(brain) & ~removed & fov
     rim = protected & fov & (hu > cfg.strip_brain_min_hu) & (hu < cfg.strip_rim_max_hu)
-    steps = _voxels(cfg.strip_protect_mm, cfg.spacing_mm, minimum=1)
+    steps = _voxels(cfg.strip_rim_grow_mm, cfg.spacing_mm, minimum=1)
     return ndimage.binary_dilation(brain, iterations=steps, mask=rim | brain)
 
 
