@@ -33,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from mlssp_jax import masks
 from mlssp_jax.config import DataConfig
 
 STRIP_FIELDS = ("strip_bone_hu", "strip_bone_closing_mm", "strip_brain_min_hu",
@@ -53,15 +54,6 @@ def _ball(radius: int) -> np.ndarray:
 
 def _voxels(mm: float, spacing_mm: float, minimum: int = 0) -> int:
     return max(minimum, round(mm / spacing_mm))
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(sizes.argmax())
 
 
 def _fill(mask: np.ndarray) -> np.ndarray:
@@ -123,7 +115,7 @@ def skull_strip(hu: np.ndarray, fov: np.ndarray, cfg: DataConfig) -> np.ndarray:
     cavity = inside & ~bone
     protected = _protected(hu, cavity, cfg)
     removed = _skull_rim(hu, bone, inside, protected, cfg)
-    brain = _largest_component(cavity & ~removed & (hu > cfg.strip_brain_min_hu))
+    brain = masks.largest_component(cavity & ~removed & (hu > cfg.strip_brain_min_hu))
     brain = _fill(brain) & ~removed & fov
     rim = protected & fov & (hu > cfg.strip_brain_min_hu) & (hu < cfg.strip_rim_max_hu)
     steps = _voxels(cfg.strip_rim_grow_mm, cfg.spacing_mm, minimum=1)
