@@ -21,6 +21,7 @@ DEEP_SITES_MM = {"putamen": (24.0, 4.0, 2.0), "thalamus": (11.0, -12.0, 6.0),
                  "caudate": (13.0, 14.0, 12.0)}
 SITES = ("lobar", "putamen", "thalamus", "caudate")
 SITE_P = {1: (0.8, 0.08, 0.06, 0.06), 0: (0.25, 0.45, 0.22, 0.08)}
+TEMPORAL_P = 0.25  # share of lobar hematomas in the temporal lobe, down to the skull base
 
 
 def _above_floor(point, anat: dict) -> float:
@@ -29,14 +30,14 @@ def _above_floor(point, anat: dict) -> float:
     return float(point[2] - height[0])
 
 
-def _lobar_direction(rng) -> np.ndarray:
-    """A unit direction to a supratentorial lobe: convexity, or temporal above the floor."""
+def _lobar_direction(rng, temporal: bool) -> np.ndarray:
+    """A unit direction to a supratentorial lobe: the convexity, or temporal (low, lateral)."""
     while True:
         u = rng.normal(size=3)
         u /= np.linalg.norm(u)
-        convexity = -0.05 < u[2] < 0.8 and abs(u[0]) > 0.25
-        temporal = -0.45 < u[2] <= -0.05 and abs(u[0]) > 0.6 and -0.3 < u[1] < 0.6
-        if convexity or temporal:
+        if temporal and -0.45 < u[2] <= -0.05 and abs(u[0]) > 0.6 and -0.3 < u[1] < 0.6:
+            return u
+        if not temporal and -0.05 < u[2] < 0.8 and abs(u[0]) > 0.25:
             return u
 
 
@@ -44,8 +45,9 @@ def _lobar_centre(rng, anat: dict, depth_mm: float) -> np.ndarray:
     """A lobar centre ``depth_mm`` below the brain surface and ``depth_mm`` above the floor."""
     axes = anat["axes_mm"]
     target = anat["bounds_mm"][-1] + depth_mm
+    temporal = rng.random() < TEMPORAL_P
     for _ in range(100):
-        u = _lobar_direction(rng)
+        u = _lobar_direction(rng, temporal)
         lam = 1.0 / np.linalg.norm(u / axes)
         normal = lam * u / axes**2
         cos = float(u @ normal / np.linalg.norm(normal))
@@ -83,8 +85,8 @@ def _sample_density(rng, avm: bool, s: Settings) -> dict:
     span = hi - lo
     return {
         "hu": rng.uniform(lo, lo + 0.7 * span) if avm else rng.uniform(lo + 0.25 * span, hi),
-        "texture_hu": rng.uniform(5.0, 22.0) if avm else rng.uniform(2.0, 8.0),
-        "texture": plane_waves(rng, 3, (5.0, 12.0)),
+        "texture_hu": rng.uniform(4.0, 26.0) if avm else rng.uniform(2.0, 9.0),
+        "texture": plane_waves(rng, 3, (6.0, 16.0)),
         "edema_mm": rng.uniform(1.0, 4.0 if avm else 7.0) if rng.random() < (0.4 if avm else 0.9)
         else 0.0,
         "edema_hu": rng.uniform(*s.edema_hu),
