@@ -66,7 +66,7 @@ def sample_scanner(rng, anat: dict, lesion: dict, s: Settings) -> tuple[Grid, di
     axes = anat["axes_mm"]
     back = axes[1] + anat["headrest_gap_mm"] + anat["headrest_mm"] + 4.0
     z_lo, z_hi, coverage = _coverage(rng, anat, lesion)
-    extent = np.array([2 * axes[0] * 1.12 + 10, (axes[1] + back) * 1.12 + 10])
+    extent = np.array([2 * axes[0] * 1.15 + 20, (axes[1] + back) * 1.12 + 20])
     shape = (*np.ceil(extent / s_ip).astype(int), int(np.ceil((z_hi - z_lo) / s_k)) + 1)
     fov_centre = head_centre + pose @ [0.0, (axes[1] - back) / 2, (z_lo + z_hi) / 2]
     head_from_world = np.eye(4)
