@@ -23,7 +23,6 @@ from mlssp_jax.synth.cohort import (
     FACTS_NAME,
     GENERATOR_VERSION,
     MANIFEST_NAME,
-    cache_root,
     cohort_labels,
     default_manifest,
     generate_cohort,
@@ -35,6 +34,6 @@ from mlssp_jax.synth.scanner import render_subject, sample_subject
 from mlssp_jax.synth.settings import PRESETS, Settings, for_scan, preset
 
 __all__ = ["FACTS_NAME", "FACT_FIELDS", "GENERATOR_VERSION", "MANIFEST_NAME", "PRESETS",
-           "Settings", "cache_root", "cohort_labels", "default_manifest", "for_scan",
+           "Settings", "cohort_labels", "default_manifest", "for_scan",
            "generate_cohort", "main", "preset", "render_subject", "sample_subject",
            "subject_ids", "write_subject"]

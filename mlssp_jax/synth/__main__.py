@@ -3,4 +3,5 @@
 from mlssp_jax.cli import run_command
 from mlssp_jax.synth.cohort import main
 
-raise SystemExit(run_command(main))
+if __name__ == "__main__":
+    raise SystemExit(run_command(main))

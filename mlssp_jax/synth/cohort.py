@@ -15,10 +15,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from mlssp_jax import nifti
+from mlssp_jax import cache, nifti
 from mlssp_jax.cli import ArgumentParser, setup_logging
 from mlssp_jax.errors import InputError
 from mlssp_jax.fileio import atomic_dir
+from mlssp_jax.manifest import COLUMNS
 from mlssp_jax.synth.scanner import STORAGE, render_subject
 from mlssp_jax.synth.settings import PRESETS, for_scan, preset
 
@@ -101,7 +102,7 @@ def _write_tables(out_dir: Path, facts: list[dict]) -> None:
     """``manifest.csv`` (SPEC.md) and ``subjects.csv`` (generation facts) in ``out_dir``."""
     with open(out_dir / MANIFEST_NAME, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["subject_id", "image", "mask", "label"])
+        writer.writerow(COLUMNS)
         for row in facts:
             sid = row["subject_id"]
             writer.writerow([sid, f"images/{sid}.nii.gz", f"masks/{sid}.nii.gz", row["label"]])
@@ -133,24 +134,17 @@ def generate_cohort(out_dir: str | Path, n_subjects: int = 80, n_avm: int = 38, 
     return out_dir / MANIFEST_NAME
 
 
-def cache_root(data_cfg=None) -> Path:
-    """Cache folder: ``data_cfg.cache_dir``, else ``$MLSSP_JAX_CACHE``, else ~/.cache/mlssp_jax."""
-    configured = getattr(data_cfg, "cache_dir", "") if data_cfg is not None else ""
-    root = configured or os.environ.get("MLSSP_JAX_CACHE") or Path.home() / ".cache" / "mlssp_jax"
-    return Path(root).expanduser()
-
-
 def default_manifest(data_cfg) -> Path:
     """The built-in cohort of ``data_cfg.synth_*``, generated on first use, cached.
 
-    Lives in ``cache_root(data_cfg)/synth/<parameters>/`` (generator version, size, seed,
+    Lives in ``cache.cache_root(data_cfg)/synth/<parameters>/`` (generator version, size, seed,
     preset, small); a lock file makes concurrent first uses generate it once, and the
     folder appears atomically.
     """
     small = "-small" if data_cfg.synth_small else ""
     name = (f"v{GENERATOR_VERSION}-n{data_cfg.synth_subjects}-avm{data_cfg.synth_avm}"
             f"-seed{data_cfg.synth_seed}-{data_cfg.synth_preset}{small}")
-    out = cache_root(data_cfg) / "synth" / name
+    out = cache.cache_root(data_cfg) / "synth" / name
     manifest = out / MANIFEST_NAME
     if manifest.is_file():
         return manifest

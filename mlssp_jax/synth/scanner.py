@@ -13,9 +13,11 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from mlssp_jax.synth import anatomy, lesions, skull_base
+from mlssp_jax.synth.anatomy import render_brain, render_head, sample_anatomy
 from mlssp_jax.synth.geometry import Grid, head_depth, rotation, soft_step, upsample_inplane
+from mlssp_jax.synth.lesions import blobs, render_blob, render_lesion, sample_lesion
 from mlssp_jax.synth.settings import Settings
+from mlssp_jax.synth.skull_base import render_face_and_neck, render_headrest, render_petrous
 
 SLAB_VOXELS = 400_000  # voxels rendered at a time (keeps temporaries in cache)
 # voxel-axis signs (before the gantry tilt): RAS, LPS, LPI, RPS, LAS
@@ -91,21 +93,21 @@ def sample_subject(index: int, label: int, seed: int, s: Settings):
         age = float(np.clip(rng.normal(35.0, 13.0), 12.0, 75.0))
     else:
         age = float(np.clip(rng.normal(62.0, 11.0), 30.0, 90.0))
-    anat = anatomy.sample_anatomy(rng, age, s)
-    lesion = lesions.sample_lesion(rng, label, anat, s)
+    anat = sample_anatomy(rng, age, s)
+    lesion = sample_lesion(rng, label, anat, s)
     grid, scanner = sample_scanner(rng, anat, lesion, s)
     return anat, lesion, grid, scanner, rng
 
 
 def _render_slab(grid: Grid, anat: dict, lesion: dict):
     """Noise-free, unblurred scan of (a slab of) the grid: ``(hu, blood fraction)``."""
-    hu, cavity, brain_depth, width = anatomy.render_head(grid, anat)
-    skull_base.render_face_and_neck(grid, anat, hu)
-    brain = anatomy.render_brain(grid, anat, brain_depth, width)
+    hu, cavity, brain_depth, width = render_head(grid, anat)
+    render_face_and_neck(grid, anat, hu)
+    brain = render_brain(grid, anat, brain_depth, width)
     hu += soft_step(brain_depth, width) * (brain - hu)
-    blood = lesions.render_lesion(grid, lesion, hu, cavity, width)
-    blood *= 1.0 - skull_base.render_petrous(grid, anat, hu)
-    skull_base.render_headrest(grid, anat, hu)
+    blood = render_lesion(grid, lesion, hu, cavity, width)
+    blood *= 1.0 - render_petrous(grid, anat, hu)
+    render_headrest(grid, anat, hu)
     return hu, blood
 
 
@@ -117,8 +119,8 @@ def render_phantom(grid: Grid, anat: dict, lesion: dict):
     for k0 in range(0, grid.shape[2], step):
         k1 = min(k0 + step, grid.shape[2])
         hu[..., k0:k1], blood[..., k0:k1] = _render_slab(grid.slab(k0, k1), anat, lesion)
-    for centre, radius, value in lesions.blobs(anat, lesion):
-        lesions.render_blob(grid, hu, centre, radius, value, keep_out=blood)
+    for centre, radius, value in blobs(anat, lesion):
+        render_blob(grid, hu, centre, radius, value, keep_out=blood)
     return hu, blood
 
 
