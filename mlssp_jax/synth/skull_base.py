@@ -12,7 +12,7 @@ PETROUS_DEG = 40.0  # petrous ridges run obliquely, from lateral-posterior to me
 
 
 def paint(grid: Grid, hu: np.ndarray, centre, axes, value_hu: float, rot=None,
-          z_top: float | None = None) -> np.ndarray | None:
+          z_top: float | None = None) -> tuple | None:
     """Blend an ellipsoid (or, with ``z_top``, a vertical cylinder below ``z_top`` mm) of
     ``value_hu`` into ``hu`` in place. Returns ``(box, fraction)`` or None if off the grid."""
     centre = np.asarray(centre, dtype=float)
