@@ -20,6 +20,7 @@ from mlssp_jax.errors import InputError
 MODEL_NAMES = ("mlssp", "ynet", "he", "unet3d", "cnn")
 CONV_IMPLS = ("auto", "xla", "cpu", "onednn")
 DTYPES = ("float32", "bfloat16")
+SYNTH_PRESETS = ("default", "shifted")  # mlssp_jax.synth.settings.PRESETS
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class DataConfig:
     synth_avm: int = 38
     synth_seed: int = 0
     synth_small: bool = False
+    synth_preset: str = "default"
     spacing_mm: float = 1.0
     window_level_hu: float = 50.0
     window_width_hu: float = 100.0
@@ -235,6 +237,8 @@ def validate(config: Config, where: str = "config") -> None:
     _validate_strip(d, where)
     _check(d.synth_subjects >= 2 and 0 <= d.synth_avm <= d.synth_subjects, where,
            "data.synth_avm must be in 0..data.synth_subjects")
+    _check(d.synth_preset in SYNTH_PRESETS, where,
+           f"data.synth_preset must be one of {', '.join(SYNTH_PRESETS)}")
     _check(a.voi_jitter_mm >= 0, where, "augment.voi_jitter_mm must be >= 0")
     _check(0.0 <= a.background_fraction < 1.0, where,
            "augment.background_fraction must be in [0, 1)")

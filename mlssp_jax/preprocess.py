@@ -38,7 +38,7 @@ from scipy import ndimage
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mlssp_jax import cache, nifti, skullstrip
+from mlssp_jax import cache, nifti, scans, skullstrip
 from mlssp_jax import config as config_lib
 from mlssp_jax import manifest as manifest_lib
 from mlssp_jax.cli import ArgumentParser, run_command, setup_logging
@@ -198,10 +198,15 @@ def preprocess_volume(image: nifti.Volume, mask: nifti.Volume | None,
 
 
 def _file_identity(path: Path | None) -> list[Any] | None:
+    """Path, size and mtime of a file; of each file in it for a folder (a DICOM series)."""
     if path is None:
         return None
-    stat = Path(path).stat()
-    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+    path = Path(path)
+    if path.is_dir():
+        return [str(path.resolve()), [_file_identity(p) for p in sorted(path.iterdir())
+                                      if p.is_file()]]
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def subject_cache_key(subject: manifest_lib.Subject, data_cfg: DataConfig) -> str:
@@ -223,7 +228,7 @@ def _is_fresh(path: Path, key: str) -> bool:
 def _preprocess_subject(subject: manifest_lib.Subject, out_path: Path, data_cfg: DataConfig,
                         key: str) -> float:
     """Preprocess one subject into ``out_path`` (atomically); returns its lesion kept fraction."""
-    image = nifti.load_image(subject.image)
+    image = scans.load_scan(subject.image)
     mask = None if subject.mask is None else nifti.load_mask(subject.mask, like=image)
     result = preprocess_volume(image, mask, data_cfg)
     with atomic_path(out_path) as tmp:
