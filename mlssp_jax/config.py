@@ -101,6 +101,7 @@ class TrainConfig:
     [``log_var_min``, ``log_var_max``] after every step (task weights ``exp(-s)`` in
     [e^-max, e^-min]). ``temperature_scaling``: fit a temperature on the inner-validation
     logits of the best checkpoint and apply it to the held-out probabilities.
+    ``calibration_bins``: the equal-width bins of the expected calibration error.
     """
 
     alpha: float | str = 0.4
@@ -122,6 +123,7 @@ class TrainConfig:
     log_var_min: float = -4.0
     log_var_max: float = 4.0
     temperature_scaling: bool = False
+    calibration_bins: int = 10
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,7 @@ def validate(config: Config, where: str = "config") -> None:
     _check(t.workers >= 0 and t.prefetch >= 0, where,
            "train.workers and train.prefetch must be >= 0")
     _check(t.auto_weight_lr >= 0, where, "train.auto_weight_lr must be >= 0")
+    _check(t.calibration_bins >= 1, where, "train.calibration_bins must be >= 1")
     _check(t.log_var_min < t.log_var_max, where, "train.log_var_min must be < train.log_var_max")
     _check(m.cls_pooling in CLS_POOLINGS, where,
            f"model.cls_pooling must be one of {', '.join(CLS_POOLINGS)}")

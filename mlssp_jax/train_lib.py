@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from mlssp_jax import (
+    calibration,
     checkpointing,
     conv_ops,
     input_pipeline,
@@ -77,6 +78,31 @@ def create_optimizer(train_cfg: config_lib.TrainConfig,
                       b1=train_cfg.adam_b1, b2=train_cfg.adam_b2)
 
 
+def make_update_fn(train_cfg: config_lib.TrainConfig, steps_per_epoch: int) -> Callable:
+    """``(grads, opt_state, trainable, step) -> (trainable, opt_state)``: one optimiser step.
+
+    ``trainable`` is ``{"params", "log_vars"}``. One Adam over both (its state keeps the
+    structure of earlier runs' checkpoints); with ``train.auto_weight_lr`` > 0 the
+    log-variances' update is rescaled from the network's rate ``lr(step)`` to that constant
+    rate, which is exactly a separate Adam at that rate (Adam's moments are per parameter).
+    The log-variances are then clipped to [``log_var_min``, ``log_var_max``].
+    """
+    tx = create_optimizer(train_cfg, steps_per_epoch)
+    lr_fn = create_learning_rate_fn(train_cfg, steps_per_epoch)
+
+    def update(grads: dict, opt_state: optax.OptState, trainable: dict,
+               step: jax.Array) -> tuple[dict, optax.OptState]:
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        if train_cfg.auto_weight_lr > 0:
+            scale = train_cfg.auto_weight_lr / lr_fn(step)
+            updates = {**updates, "log_vars": updates["log_vars"] * scale}
+        trainable = optax.apply_updates(trainable, updates)
+        log_vars = jnp.clip(trainable["log_vars"], train_cfg.log_var_min, train_cfg.log_var_max)
+        return {**trainable, "log_vars": log_vars}, opt_state
+
+    return update
+
+
 def _trainable(state: TrainState) -> dict:
     return {"params": state.params, "log_vars": state.log_vars}
 
@@ -113,34 +139,38 @@ def create_train_state(config: config_lib.Config, rng: jax.Array, mesh: Mesh,
     return jax.jit(init, out_shardings=parallel.replicated(mesh))(params)
 
 
-def make_loss_fn(config: config_lib.Config) -> Callable:
-    """``(trainable, batch) -> (loss, parts)``: the weighted task losses on one batch."""
+def make_loss_fn(config: config_lib.Config, class_weights: np.ndarray | None = None) -> Callable:
+    """``(trainable, batch) -> (loss, parts)``: the weighted task losses on one batch.
+
+    ``class_weights`` (2,): the class-balanced BCE's weights (:func:`fold_class_weights`).
+    """
     model = models.build_model(config.model)
     alpha = config.train.alpha
 
     def loss_fn(trainable: dict, batch: dict) -> tuple[jax.Array, dict]:
         outputs = model.apply({"params": trainable["params"]}, batch["image"])
         log_vars = trainable["log_vars"] if alpha == "auto" else None
-        return losses.total_loss(outputs, batch, alpha, log_vars)
+        return losses.total_loss(outputs, batch, alpha, log_vars, class_weights)
 
     return loss_fn
 
 
-def make_train_step(config: config_lib.Config, mesh: Mesh, steps_per_epoch: int = 1) -> Callable:
+def make_train_step(config: config_lib.Config, mesh: Mesh, steps_per_epoch: int = 1,
+                    class_weights: np.ndarray | None = None) -> Callable:
     """A jitted ``(state, batch) -> (state, metrics)``; the state's buffers are donated.
 
     ``batch``: ``image``/``mask`` ``(B, S, S, S, 1)`` and ``label`` ``(B,)``, sharded along
     the batch. ``metrics``: ``loss``, the per-task losses and ``lr`` (the rate of this step).
+    ``class_weights``: see :func:`make_loss_fn`.
     """
-    loss_fn = make_loss_fn(config)
-    tx = create_optimizer(config.train, steps_per_epoch)
+    loss_fn = make_loss_fn(config, class_weights)
+    update = make_update_fn(config.train, steps_per_epoch)
     lr_fn = create_learning_rate_fn(config.train, steps_per_epoch)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         trainable = _trainable(state)
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        trainable, opt_state = update(grads, state.opt_state, trainable, state.step)
         new_state = state.replace(step=state.step + 1, params=trainable["params"],
                                   log_vars=trainable["log_vars"], opt_state=opt_state)
         return new_state, {**parts, "loss": loss, "lr": lr_fn(state.step)}
@@ -226,14 +256,19 @@ def segmentation_result(preds: list[dict], threshold: float) -> dict | None:
     return {**means, "per_subject": per_subject}
 
 
-def classification_result(preds: list[dict], threshold: float) -> dict | None:
-    """eval.json's ``classification``: accuracy, sensitivity, specificity, AUC at ``threshold``."""
+def classification_result(preds: list[dict], threshold: float, n_bins: int = 10) -> dict | None:
+    """eval.json's ``classification``: accuracy, sensitivity, specificity, AUC at ``threshold``,
+    and the calibration: ``brier`` and ``ece`` (``n_bins`` equal-width bins)."""
     if not preds or preds[0]["cls_prob"] is None:
         return None
     labels = np.array([p["label"] for p in preds])
     probs = np.array([p["cls_prob"] for p in preds])
     m = metrics.classification_metrics(labels, probs, threshold=threshold)
-    return {**{k: _finite_or_none(m[k]) for k in CLS_KEYS}, "threshold": threshold,
+    calibration_metrics = {"brier": metrics.brier_score(labels, probs),
+                           "ece": metrics.expected_calibration_error(labels, probs, n_bins)}
+    return {**{k: _finite_or_none(m[k]) for k in CLS_KEYS},
+            **{k: _finite_or_none(v) for k, v in calibration_metrics.items()},
+            "threshold": threshold,
             "per_subject": [{"subject_id": p["subject_id"], "label": p["label"],
                              "prob": p["cls_prob"]} for p in preds]}
 
@@ -258,7 +293,7 @@ def validate(predict_fn: PredictFn, params: Any, examples: list[dict], config: c
     ``val_score`` (:func:`selection_score`)."""
     preds = predict_examples(predict_fn, params, examples, config.train.batch_size, mesh)
     seg = segmentation_result(preds, config.train.threshold)
-    cls = classification_result(preds, config.train.threshold)
+    cls = classification_result(preds, config.train.threshold, config.train.calibration_bins)
     return {"val_dsc": seg and seg["dsc"], "val_auc": cls and cls["auc"],
             "val_accuracy": cls and cls["accuracy"], "val_score": selection_score(seg, cls)}
 
@@ -403,15 +438,54 @@ def save_predictions(out_dir: Path, preds: list[dict], threshold: float) -> None
             np.savez_compressed(tmp, **arrays)
 
 
-def evaluate_fold(config: config_lib.Config, predict_fn: PredictFn, params: Any,
-                  examples: list[dict], fold: int, fold_dir: Path, mesh: Mesh) -> dict:
-    """Predict the held-out VOIs with ``predict_fn`` (the one compiled for validation, from
-    :func:`make_predict_fn`); write ``eval.json`` (SPEC.md) and ``predictions/``."""
+def fold_class_weights(config: config_lib.Config, train_examples: list[dict]) -> np.ndarray | None:
+    """The class-balanced BCE's (2,) weights from the training fold's labels, or None when
+    ``train.class_balance`` is off."""
+    if not config.train.class_balance:
+        return None
+    return losses.class_balance_weights(np.array([e["label"] for e in train_examples]))
+
+
+def fit_fold_temperature(config: config_lib.Config, predict_fn: PredictFn, params: Any,
+                         examples: list[dict], mesh: Mesh) -> float:
+    """The temperature (:mod:`mlssp_jax.calibration`) fitted on ``examples`` (the inner
+    validation VOIs); 1.0 when ``train.temperature_scaling`` is off or the model does not
+    classify."""
+    if not config.train.temperature_scaling:
+        return 1.0
     preds = predict_examples(predict_fn, params, examples, config.train.batch_size, mesh)
+    if not preds or preds[0]["cls_prob"] is None:
+        return 1.0
+    labels = np.array([p["label"] for p in preds])
+    probs = np.array([p["cls_prob"] for p in preds])
+    return calibration.fit_temperature(labels, calibration.logits_from_probs(probs))
+
+
+def _with_temperature(preds: list[dict], temperature: float) -> list[dict]:
+    if temperature == 1.0 or not preds or preds[0]["cls_prob"] is None:
+        return preds
+    return [{**p, "cls_prob": float(calibration.apply_temperature(p["cls_prob"], temperature))}
+            for p in preds]
+
+
+def evaluate_fold(config: config_lib.Config, predict_fn: PredictFn, params: Any,
+                  examples: list[dict], fold: int, fold_dir: Path, mesh: Mesh,
+                  temperature: float = 1.0) -> dict:
+    """Predict the held-out VOIs with ``predict_fn`` (the one compiled for validation, from
+    :func:`make_predict_fn`); write ``eval.json`` (SPEC.md) and ``predictions/``.
+
+    ``temperature`` (:func:`fit_fold_temperature`) rescales the classification
+    probabilities; it is recorded in ``classification.temperature``.
+    """
+    preds = predict_examples(predict_fn, params, examples, config.train.batch_size, mesh)
+    preds = _with_temperature(preds, temperature)
     threshold = config.train.threshold
+    classification = classification_result(preds, threshold, config.train.calibration_bins)
+    if classification is not None:
+        classification["temperature"] = temperature
     result = {"fold": fold, "alpha": config.train.alpha, "model": config.model.name,
               "segmentation": segmentation_result(preds, threshold),
-              "classification": classification_result(preds, threshold)}
+              "classification": classification}
     if parallel.is_main_process():
         save_predictions(fold_dir / "predictions", preds, threshold)
         write_json(fold_dir / "eval.json", result)
@@ -446,7 +520,9 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
     manager = checkpointing.open_manager(checkpointing.checkpoint_dir(workdir, fold))
     try:
         state, start = start_or_resume(manager, state, fold_dir, resume)
-        train_step, predict_fn = make_train_step(config, mesh, steps), make_predict_fn(config, mesh)
+        class_weights = fold_class_weights(config, data["train"])
+        train_step = make_train_step(config, mesh, steps, class_weights)
+        predict_fn = make_predict_fn(config, mesh)
         for epoch in range(start, config.train.epochs):
             began = time.perf_counter()
             state, train_metrics = train_epoch(train_step, state, data["train"], config, epoch,
@@ -464,6 +540,8 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
         manager.close()
     log.info("fold %d: evaluating the best checkpoint (epoch %d) on %d held-out subjects",
              fold, best, len(data["test"]))
-    result = evaluate_fold(config, predict_fn, params, data["test"], fold, fold_dir, mesh)
+    temperature = fit_fold_temperature(config, predict_fn, params, data["val"], mesh)
+    result = evaluate_fold(config, predict_fn, params, data["test"], fold, fold_dir, mesh,
+                           temperature)
     log.info("fold %d: %s", fold, _summary(result))
     return result

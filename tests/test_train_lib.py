@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,8 +105,12 @@ def test_results_have_spec_fields_and_mean_per_subject_metrics():
     assert seg["sensitivity"] == pytest.approx(0.75)
     assert set(seg) == {"dsc", "sensitivity", "specificity", "ppv", "per_subject"}
     cls = train_lib.classification_result(preds, 0.5)
-    assert set(cls) == {"accuracy", "sensitivity", "specificity", "auc", "threshold", "per_subject"}
+    assert set(cls) == {"accuracy", "sensitivity", "specificity", "auc", "brier", "ece",
+                        "threshold", "per_subject"}
     assert (cls["accuracy"], cls["auc"]) == (1.0, 1.0)
+    # probabilities 0.8 (AVM) and 0.3 (other): Brier (0.2^2 + 0.3^2) / 2, ECE (0.2 + 0.3) / 2
+    assert cls["brier"] == pytest.approx(0.065)
+    assert cls["ece"] == pytest.approx(0.25)
     assert cls["per_subject"][1] == {"subject_id": "b", "label": 0, "prob": 0.3}
 
 
@@ -114,3 +119,49 @@ def test_selection_score_is_mean_of_dsc_and_auc_falling_back_to_accuracy():
     assert train_lib.selection_score({"dsc": 0.6}, {"auc": None, "accuracy": 0.5}) == 0.55
     assert train_lib.selection_score(None, {"auc": 0.9, "accuracy": 0.5}) == 0.9
     assert train_lib.selection_score({"dsc": 0.4}, None) == 0.4
+
+
+def _auto_weighting_run(train_cfg: config_lib.TrainConfig, steps: int) -> np.ndarray:
+    """Train only the log-variances of alpha "auto" with train_lib's optimiser step, on a
+    batch whose Dice loss is exactly 0 and whose BCE is log 2; returns (steps, 2) log_vars."""
+    from mlssp_jax.losses import total_loss
+
+    ones = jnp.ones((1, 4, 4, 4, 1))
+    outputs = {"seg": 30.0 * ones, "cls": jnp.zeros(1)}  # perfect segmentation, p = 0.5
+    batch = {"mask": ones, "label": jnp.ones(1)}
+    tx = train_lib.create_optimizer(train_cfg, steps_per_epoch=10)
+    update = jax.jit(train_lib.make_update_fn(train_cfg, steps_per_epoch=10))
+    trainable = {"params": {"w": jnp.zeros(3)}, "log_vars": jnp.zeros(2)}
+    opt_state = tx.init(trainable)
+    grad_fn = jax.grad(lambda t: total_loss(outputs, batch, "auto", t["log_vars"])[0])
+    history = []
+    for step in range(steps):
+        trainable, opt_state = update(grad_fn(trainable), opt_state, trainable, jnp.int32(step))
+        history.append(np.asarray(trainable["log_vars"]))
+    return np.array(history)
+
+
+def test_auto_weights_barely_move_at_the_network_rate():
+    cfg = config_lib.TrainConfig(alpha="auto", learning_rate=1e-5)
+    history = _auto_weighting_run(cfg, 100)
+    assert np.abs(history[-1]).max() < 2e-3  # the problem of issue 16: 'auto' stays fixed
+
+
+def test_auto_weights_learn_at_their_own_rate_and_stay_bounded():
+    cfg = config_lib.TrainConfig(alpha="auto", learning_rate=1e-5, auto_weight_lr=0.05,
+                                 log_var_min=-3.0, log_var_max=3.0)
+    history = _auto_weighting_run(cfg, 300)
+    assert np.isfinite(history).all()
+    # Dice is 0: its log-variance runs to the lower bound (weight e^3), never past it
+    assert history[:, 0].min() == pytest.approx(-3.0)
+    assert history[-1, 0] == pytest.approx(-3.0)
+    # BCE is log 2: its log-variance heads to the optimum log(log 2) = -0.37
+    assert history[-1, 1] == pytest.approx(np.log(np.log(2.0)), abs=0.1)
+
+
+def test_fold_class_weights_only_when_configured():
+    examples = [{"label": np.float32(v)} for v in (1, 0, 0, 0)]
+    off = config_lib.Config()
+    assert train_lib.fold_class_weights(off, examples) is None
+    on = config_lib.Config(train=config_lib.TrainConfig(class_balance=True))
+    np.testing.assert_allclose(train_lib.fold_class_weights(on, examples), [2 / 3, 2.0])
