@@ -22,6 +22,7 @@ from mlssp_jax import (
     checkpointing,
     cli,
     cpu_env,
+    descriptors,
     inference,
     models,
     nifti,
@@ -107,7 +108,8 @@ def voxel_volume_ml(affine: np.ndarray) -> float:
 def predict_scan(image: nifti.Volume, predict_fn: inference.PredictFn, cfg: config_lib.Config,
                  overlap: float = DEFAULT_OVERLAP, batch_size: int = DEFAULT_BATCH,
                  tta: bool = False) -> dict:
-    """Mask (uint8, the input's shape), ``volume_ml`` and ``avm_probability`` of one scan."""
+    """Mask (uint8, the input's shape), ``volume_ml``, ``avm_probability`` and the predicted
+    lesion's ``descriptors`` of one scan."""
     pre = preprocess.preprocess_volume(image, None, cfg.data)
     window, threshold = cfg.data.voi_size, cfg.train.threshold
     box = brain_box(pre["brain"], window)
@@ -120,7 +122,18 @@ def predict_scan(image: nifti.Volume, predict_fn: inference.PredictFn, cfg: conf
     return {"mask": mask, "volume_ml": float(mask.sum()) * voxel_volume_ml(image.affine),
             "avm_probability": avm_probability,
             "label": None if avm_probability is None else int(avm_probability >= threshold),
-            "voi_centre_mm": (pre["affine"] @ np.append(centre, 1.0))[:3].round(1).tolist()}
+            "voi_centre_mm": (pre["affine"] @ np.append(centre, 1.0))[:3].round(1).tolist(),
+            "descriptors": predicted_lesion_descriptors(pre, prob, cfg)}
+
+
+def predicted_lesion_descriptors(pre: dict, prob: np.ndarray, cfg: config_lib.Config) -> dict:
+    """:mod:`mlssp_jax.descriptors` of the largest predicted lesion (``prob`` (D, H, W) on
+    the preprocessed grid of ``pre``, thresholded at ``train.threshold``)."""
+    lesion = inference.largest_component(prob > cfg.train.threshold)
+    return descriptors.lesion_descriptors(
+        lesion, pre["brain"], image=pre["image"], hu=pre.get("hu"),
+        spacing_mm=cfg.data.spacing_mm,
+        window_hu=(cfg.data.window_level_hu, cfg.data.window_width_hu), cfg=cfg.descriptors)
 
 
 def scan_paths(items: Sequence[Path]) -> list[Path]:
