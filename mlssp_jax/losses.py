@@ -80,10 +80,11 @@ def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str
       ``sum_t exp(-s_t) * L_t + s_t`` over t = (dice, bce), with ``s = log_vars`` (2,) the
       learned log variances ``s_t = log sigma_t^2`` (initialise at 0; trained by the train
       step with the model, at ``train.auto_weight_lr`` and clipped to [``train.log_var_min``,
-      ``train.log_var_max``], see :func:`mlssp_jax.train_lib.make_update_fn`). This is twice Kendall's regression form
-      ``L_t / (2 sigma_t^2) + log sigma_t``; dropping the 1/2 on both terms keeps the
-      same minimiser ``s_t = log L_t``, i.e. weight ``exp(-s_t) = 1 / L_t``, and uses the
-      same form for both tasks (his classification form differs only by that factor).
+      ``train.log_var_max``], see :func:`mlssp_jax.train_lib.make_update_fn`). This is
+      twice Kendall's regression form ``L_t / (2 sigma_t^2) + log sigma_t``; dropping the
+      1/2 on both terms keeps the same minimiser ``s_t = log L_t``, i.e. weight
+      ``exp(-s_t) = 1 / L_t``, and uses the same form for both tasks (his classification
+      form differs only by that factor).
 
     One task present (``unet3d``, ``cnn``): that task's loss alone, unweighted; ``alpha``
     and ``log_vars`` are then unused.
