@@ -6,7 +6,8 @@ mask, then fits :mod:`mlssp_jax.descriptor_classifier` on k - 1 folds and predic
 k-th, over the same seeded stratified folds training uses (``train.num_folds``,
 ``train.seed``). Writes ``DIR/descriptors.json`` (per subject) and ``DIR/descriptor_cv.json``
 (pooled out-of-fold metrics with a bootstrap 95% CI of the AUC, calibration, and the
-coefficients of a model fitted on every subject). No network: seconds to minutes.
+coefficients of a model fitted on every subject) and that model as
+``DIR/descriptor_classifier.json`` (:meth:`DescriptorClassifier.load`). No network.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def cohort_descriptors(config: config_lib.Config) -> list[dict]:
 def cross_validate(rows: list[dict], config: config_lib.Config,
                    features: Sequence[str] = clf.DEFAULT_FEATURES) -> dict:
     """Pooled out-of-fold ``accuracy``, ``sensitivity``, ``specificity``, ``auc`` (with
-    ``auc_ci95``), ``brier``, ``ece``, ``per_subject`` probabilities and the coefficients
-    (per standard deviation) of the model fitted on all rows."""
+    ``auc_ci95``), ``brier``, ``ece``, ``per_subject`` probabilities, and the model fitted
+    on all rows (``model``, as JSON) with its coefficients (per standard deviation)."""
     t = config.train
     ids = [r["subject_id"] for r in rows]
     y = np.array([r["label"] for r in rows], dtype=float)
@@ -65,7 +66,8 @@ def cross_validate(rows: list[dict], config: config_lib.Config,
     result = metrics.classification_metrics(y, probs, threshold=t.threshold)
     _, low, high = metrics.bootstrap_ci(metrics.roc_auc, y, probs, seed=t.seed)
     full = clf.fit(x, y, l2, features)
-    return {**result, "auc_ci95": [low, high], "brier": metrics.brier_score(y, probs),
+    return {**result, "model": full.to_dict(), "auc_ci95": [low, high],
+            "brier": metrics.brier_score(y, probs),
             "ece": metrics.expected_calibration_error(y, probs, t.calibration_bins),
             "threshold": t.threshold, "num_folds": t.num_folds, "l2_penalty": l2,
             "coefficients": dict(zip(features, full.coef.tolist(), strict=True)),
@@ -90,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = cross_validate(rows, config)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "descriptors.json", rows)
-    write_json(args.out / "descriptor_cv.json", result)
+    write_json(args.out / "descriptor_cv.json", {k: v for k, v in result.items() if k != "model"})
+    write_json(args.out / "descriptor_classifier.json", result["model"])
     log.info("descriptor classifier, %d subjects, %d folds pooled: AUC %.3f (95%% CI %.3f-%.3f), "
              "accuracy %.3f, sensitivity %.3f, specificity %.3f, Brier %.3f, ECE %.3f",
              len(rows), config.train.num_folds, result["auc"], *result["auc_ci95"],

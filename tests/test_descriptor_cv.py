@@ -34,6 +34,8 @@ def test_cross_validate_pools_the_training_folds():
     assert abs(result["coefficients"]["rim_hu_mean"]) > abs(result["coefficients"]["hu_mean"])
     assert result["coefficients"]["log_volume_ml"] == 0.0  # never measured: no weight
     assert [r["subject_id"] for r in result["per_subject"]] == [r["subject_id"] for r in rows]
+    full = clf.DescriptorClassifier.from_dict(result["model"])
+    assert full.features == features and full.coef[0] == result["coefficients"]["rim_hu_mean"]
     # the folds are training's (splits.make_folds): fold 0 predicted by a fit on the others
     folds = splits.make_folds([r["subject_id"] for r in rows], [r["label"] for r in rows], 4, 3)
     test = [i for i, r in enumerate(rows) if r["subject_id"] in folds[0]]
