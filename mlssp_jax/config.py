@@ -1,8 +1,8 @@
 """Typed run configuration: TOML in (``configs/*.toml``), overrides, validation, TOML out.
 
-A config is a frozen :class:`Config` of four sections (``data``, ``augment``, ``model``,
-``train``). Every hyperparameter lives here; no number is hidden in code. Unknown keys,
-wrong types and out-of-range values raise :class:`~mlssp_jax.errors.InputError`.
+A config is a frozen :class:`Config` of five sections (``data``, ``augment``, ``model``,
+``train``, ``descriptors``). Every hyperparameter lives here; no number is hidden in code.
+Unknown keys, wrong types and out-of-range values raise :class:`~mlssp_jax.errors.InputError`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from mlssp_jax.errors import InputError
 MODEL_NAMES = ("mlssp", "ynet", "he", "unet3d", "cnn")
 CONV_IMPLS = ("auto", "xla", "cpu", "onednn")
 DTYPES = ("float32", "bfloat16")
+CLS_POOLINGS = ("global", "lesion")
 SYNTH_PRESETS = ("default", "shifted")  # mlssp_jax.synth.settings.PRESETS
 
 
@@ -90,7 +91,13 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The network. ``share_depth`` (-1 = the variant's own) moves the branch point."""
+    """The network. ``share_depth`` (-1 = the variant's own) moves the branch point.
+
+    ``cls_pooling``: how the classification branch pools its last feature map, ``"global"``
+    (the paper's global average) or ``"lesion"`` (segmentation-guided, models with both
+    tasks only: weighted by the segmentation probability, dilated by ``cls_rim_voxels``
+    voxels of the pooled map to include the lesion's rim; see :mod:`mlssp_jax.models`).
+    """
 
     name: str = "mlssp"
     width: int = 32
@@ -99,6 +106,8 @@ class ModelConfig:
     dtype: str = "float32"
     remat: bool = False
     conv_impl: str = "auto"
+    cls_pooling: str = "global"
+    cls_rim_voxels: int = 2
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,15 @@ class TrainConfig:
 
     ``alpha`` is a float in [0, 1] or the string ``"auto"`` (learned task weighting).
     The learning rate decays by ``lr_decay_per_epoch`` after every epoch.
+
+    ``class_balance``: weight the classification loss of each class by
+    ``n / (2 n_class)`` from the training fold's label counts (each class then weighs half).
+    For ``alpha = "auto"``: ``auto_weight_lr`` is the (constant) Adam learning rate of the
+    log-variances (0: the network's schedule, as before), which are clipped to
+    [``log_var_min``, ``log_var_max``] after every step (task weights ``exp(-s)`` in
+    [e^-max, e^-min]). ``temperature_scaling``: fit a temperature on the inner-validation
+    logits of the best checkpoint and apply it to the held-out probabilities.
+    ``calibration_bins``: the equal-width bins of the expected calibration error.
     """
 
     alpha: float | str = 0.4
@@ -123,6 +141,29 @@ class TrainConfig:
     workers: int = 2
     prefetch: int = 2
     log_every_steps: int = 10
+    class_balance: bool = False
+    auto_weight_lr: float = 0.0
+    log_var_min: float = -4.0
+    log_var_max: float = 4.0
+    temperature_scaling: bool = False
+    calibration_bins: int = 10
+
+
+@dataclass(frozen=True)
+class DescriptorConfig:
+    """Lesion descriptors (:mod:`mlssp_jax.descriptors`) and their logistic regression.
+
+    Shells are measured outside the lesion in mm; ``vessel_*_hu`` is the density range of
+    contrast-free blood in vessels; ``l2_penalty`` is the regression's ridge penalty on the
+    standardised coefficients (the intercept is not penalised).
+    """
+
+    rim_mm: float = 4.0
+    vessel_min_mm: float = 2.0
+    vessel_max_mm: float = 15.0
+    vessel_min_hu: float = 55.0
+    vessel_max_hu: float = 90.0
+    l2_penalty: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +174,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    descriptors: DescriptorConfig = field(default_factory=DescriptorConfig)
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -140,7 +182,7 @@ _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 def _section_class(name: str) -> type:
     return {"data": DataConfig, "augment": AugmentConfig,
-            "model": ModelConfig, "train": TrainConfig}[name]
+            "model": ModelConfig, "train": TrainConfig, "descriptors": DescriptorConfig}[name]
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -255,6 +297,22 @@ def validate(config: Config, where: str = "config") -> None:
     _check(0.0 < t.threshold < 1.0, where, "train.threshold must be in (0, 1)")
     _check(t.workers >= 0 and t.prefetch >= 0, where,
            "train.workers and train.prefetch must be >= 0")
+    _check(t.auto_weight_lr >= 0, where, "train.auto_weight_lr must be >= 0")
+    _check(t.calibration_bins >= 1, where, "train.calibration_bins must be >= 1")
+    _check(t.log_var_min < t.log_var_max, where, "train.log_var_min must be < train.log_var_max")
+    _check(m.cls_pooling in CLS_POOLINGS, where,
+           f"model.cls_pooling must be one of {', '.join(CLS_POOLINGS)}")
+    _check(m.cls_rim_voxels >= 0, where, "model.cls_rim_voxels must be >= 0")
+    _validate_descriptors(config.descriptors, where)
+
+
+def _validate_descriptors(c: DescriptorConfig, where: str) -> None:
+    _check(c.rim_mm > 0, where, "descriptors.rim_mm must be > 0")
+    _check(0 <= c.vessel_min_mm < c.vessel_max_mm, where,
+           "descriptors.vessel_min_mm must be in [0, descriptors.vessel_max_mm)")
+    _check(c.vessel_min_hu <= c.vessel_max_hu, where,
+           "descriptors.vessel_min_hu must be <= descriptors.vessel_max_hu")
+    _check(c.l2_penalty >= 0, where, "descriptors.l2_penalty must be >= 0")
 
 
 def _validate_strip(d: DataConfig, where: str) -> None:

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from mlssp_jax import calibration, input_pipeline, metrics, parallel, rundir
 from mlssp_jax import config as config_lib
-from mlssp_jax import input_pipeline, metrics, parallel, rundir
 from mlssp_jax.fileio import atomic_path
 from mlssp_jax.rundir import CLS_KEYS, SEG_KEYS
 from mlssp_jax.train_step import ApplyFn
@@ -82,14 +82,19 @@ def segmentation_result(preds: list[dict], threshold: float,
     return {**means, "per_subject": per_subject}
 
 
-def classification_result(preds: list[dict], threshold: float) -> dict | None:
-    """eval.json's ``classification``: accuracy, sensitivity, specificity, AUC at ``threshold``."""
+def classification_result(preds: list[dict], threshold: float, n_bins: int = 10) -> dict | None:
+    """eval.json's ``classification``: accuracy, sensitivity, specificity, AUC at ``threshold``,
+    and the calibration: ``brier`` and ``ece`` (``n_bins`` equal-width bins)."""
     if not preds or preds[0]["cls_prob"] is None:
         return None
     labels = np.array([p["label"] for p in preds])
     probs = np.array([p["cls_prob"] for p in preds])
     m = metrics.classification_metrics(labels, probs, threshold=threshold)
-    return {**{k: _finite_or_none(m[k]) for k in CLS_KEYS}, "threshold": threshold,
+    calibration_metrics = {"brier": metrics.brier_score(labels, probs),
+                           "ece": metrics.expected_calibration_error(labels, probs, n_bins)}
+    return {**{k: _finite_or_none(m[k]) for k in CLS_KEYS},
+            **{k: _finite_or_none(v) for k, v in calibration_metrics.items()},
+            "threshold": threshold,
             "per_subject": [{"subject_id": p["subject_id"], "label": p["label"],
                              "prob": p["cls_prob"]} for p in preds]}
 
@@ -114,7 +119,7 @@ def score_inner_val(predict_fn: ApplyFn, params: Any, examples: list[dict],
     ``val_score`` (:func:`selection_score`)."""
     preds = predict_examples(predict_fn, params, examples, config.train.batch_size, mesh)
     seg = segmentation_result(preds, config.train.threshold, config.data.spacing_mm)
-    cls = classification_result(preds, config.train.threshold)
+    cls = classification_result(preds, config.train.threshold, config.train.calibration_bins)
     return {"val_dsc": seg and seg["dsc"], "val_auc": cls and cls["auc"],
             "val_accuracy": cls and cls["accuracy"], "val_score": selection_score(seg, cls)}
 
@@ -134,16 +139,47 @@ def save_predictions(out_dir: Path, preds: list[dict], threshold: float) -> None
             np.savez_compressed(tmp, **arrays)
 
 
+def fit_fold_temperature(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
+                         examples: list[dict], mesh: Mesh) -> float:
+    """The temperature (:mod:`mlssp_jax.calibration`) fitted on ``examples`` (the inner
+    validation VOIs); 1.0 when ``train.temperature_scaling`` is off or the model does not
+    classify."""
+    if not config.train.temperature_scaling:
+        return 1.0
+    preds = predict_examples(predict_fn, params, examples, config.train.batch_size, mesh)
+    if not preds or preds[0]["cls_prob"] is None:
+        return 1.0
+    labels = np.array([p["label"] for p in preds])
+    probs = np.array([p["cls_prob"] for p in preds])
+    return calibration.fit_temperature(labels, calibration.logits_from_probs(probs))
+
+
+def _with_temperature(preds: list[dict], temperature: float) -> list[dict]:
+    if temperature == 1.0 or not preds or preds[0]["cls_prob"] is None:
+        return preds
+    return [{**p, "cls_prob": float(calibration.apply_temperature(p["cls_prob"], temperature))}
+            for p in preds]
+
+
 def evaluate_fold(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
-                  examples: list[dict], workdir: Path, fold: int, mesh: Mesh) -> dict:
+                  examples: list[dict], workdir: Path, fold: int, mesh: Mesh,
+                  temperature: float = 1.0) -> dict:
     """Predict the held-out VOIs with ``predict_fn`` (the one compiled for validation, from
     :func:`~mlssp_jax.train_step.make_predict_fn`); write ``W/fold_K/eval.json`` (SPEC.md)
-    and ``W/fold_K/predictions/``."""
+    and ``W/fold_K/predictions/``.
+
+    ``temperature`` (:func:`fit_fold_temperature`) rescales the classification
+    probabilities; it is recorded in ``classification.temperature``.
+    """
     preds = predict_examples(predict_fn, params, examples, config.train.batch_size, mesh)
+    preds = _with_temperature(preds, temperature)
     threshold = config.train.threshold
+    classification = classification_result(preds, threshold, config.train.calibration_bins)
+    if classification is not None:
+        classification["temperature"] = temperature
     result = {"fold": fold, "alpha": config.train.alpha, "model": config.model.name,
               "segmentation": segmentation_result(preds, threshold, config.data.spacing_mm),
-              "classification": classification_result(preds, threshold)}
+              "classification": classification}
     if parallel.is_main_process():
         save_predictions(rundir.predictions_dir(workdir, fold), preds, threshold)
         rundir.write_eval(workdir, fold, result)

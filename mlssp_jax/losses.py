@@ -5,12 +5,18 @@ Models output logits; sigmoids are taken here, in float32. ``batch`` dicts are t
 in {0, 1}, and optionally ``valid`` ``(B,)`` bool (padding rows of the last eval batch are
 ``False`` and do not count) and ``cls_weight`` ``(B,)`` float (the weight of each sample in
 the classification loss; 0 for training VOIs away from the lesion; all ones when absent).
+
+Class-balanced BCE (``train.class_balance``): each sample's BCE is multiplied by its class's
+weight from :func:`class_balance_weights`; the batch mean still divides by the number of
+counted samples (not by the sum of class weights, which would cancel the weights in a batch
+of one class), so over an epoch each class contributes half of the loss.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Outputs = dict[str, jax.Array | None]
@@ -42,6 +48,16 @@ def bce_loss(cls_logits: jax.Array, labels: jax.Array) -> jax.Array:
                                               labels.astype(jnp.float32))
 
 
+def class_balance_weights(labels: np.ndarray) -> np.ndarray:
+    """(2,) float32 weights (negative, positive) ``n / (2 n_class)`` from the training labels
+    (N,) in {0, 1}: 1 each for balanced classes; (1, 1) if a class is absent."""
+    labels = np.asarray(labels).astype(bool)
+    counts = np.array([np.count_nonzero(~labels), np.count_nonzero(labels)], dtype=np.float64)
+    if counts.min() == 0:
+        return np.ones(2, np.float32)
+    return (labels.size / (2.0 * counts)).astype(np.float32)
+
+
 def _batch_mean(per_sample: jax.Array, weights: jax.Array | None) -> jax.Array:
     """Mean over the batch; with (B,) ``weights`` (bool or float >= 0) the weighted mean
     ``sum(w l) / sum(w)``, 0 when every weight is 0."""
@@ -53,7 +69,8 @@ def _batch_mean(per_sample: jax.Array, weights: jax.Array | None) -> jax.Array:
 
 
 def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str,
-               log_vars: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               log_vars: jax.Array | None = None,
+               class_weights: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training objective and its parts.
 
     Both tasks present (``outputs["seg"]`` and ``outputs["cls"]`` not None):
@@ -62,13 +79,18 @@ def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str
     - ``alpha == "auto"`` (Kendall, Gal & Cipolla 2018, homoscedastic uncertainty):
       ``sum_t exp(-s_t) * L_t + s_t`` over t = (dice, bce), with ``s = log_vars`` (2,) the
       learned log variances ``s_t = log sigma_t^2`` (initialise at 0; trained by the train
-      step with the model). This is twice Kendall's regression form
-      ``L_t / (2 sigma_t^2) + log sigma_t``; dropping the 1/2 on both terms keeps the
-      same minimiser ``s_t = log L_t``, i.e. weight ``exp(-s_t) = 1 / L_t``, and uses the
-      same form for both tasks (his classification form differs only by that factor).
+      step with the model, at ``train.auto_weight_lr`` and clipped to [``train.log_var_min``,
+      ``train.log_var_max``], see :func:`mlssp_jax.train_lib.make_update_fn`). This is
+      twice Kendall's regression form ``L_t / (2 sigma_t^2) + log sigma_t``; dropping the
+      1/2 on both terms keeps the same minimiser ``s_t = log L_t``, i.e. weight
+      ``exp(-s_t) = 1 / L_t``, and uses the same form for both tasks (his classification
+      form differs only by that factor).
 
     One task present (``unet3d``, ``cnn``): that task's loss alone, unweighted; ``alpha``
     and ``log_vars`` are then unused.
+
+    ``class_weights`` (2,) (negative, positive), e.g. :func:`class_balance_weights`: the
+    class-balanced BCE of the module docstring; None: every sample weighs 1.
 
     Returns:
       (scalar loss, aux) where aux has ``dice`` and/or ``bce`` (batch means, only for the
@@ -83,7 +105,12 @@ def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str
         weights = batch.get("cls_weight")
         if valid is not None:
             weights = valid if weights is None else weights * valid
-        aux["bce"] = _batch_mean(bce_loss(outputs["cls"], batch["label"]), weights)
+        per_sample = bce_loss(outputs["cls"], batch["label"])
+        if class_weights is not None:
+            class_weights = jnp.asarray(class_weights, jnp.float32)
+            per_sample = per_sample * jnp.where(batch["label"] > 0.5, class_weights[1],
+                                                class_weights[0])
+        aux["bce"] = _batch_mean(per_sample, weights)
     if not aux:
         raise ValueError("outputs has neither 'seg' nor 'cls'")
     if len(aux) == 1:
@@ -99,4 +126,4 @@ def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str
     return alpha * aux["dice"] + (1.0 - alpha) * aux["bce"], aux
 
 
-__all__ = ["bce_loss", "dice_loss", "total_loss"]
+__all__ = ["bce_loss", "class_balance_weights", "dice_loss", "total_loss"]

@@ -18,6 +18,9 @@ volume_error_ml           always defined: ``|V_pred - V_truth|`` in mL
 Thresholding, the one rule everywhere (segmentation voxels, classification, predict): a
 probability ``p`` is positive when ``p >= threshold`` (:func:`binarize`).
 
+Calibration: :func:`brier_score`, :func:`expected_calibration_error` and the
+reliability-diagram data of :func:`reliability_bins` (equal-width probability bins).
+
 Classification: ``sensitivity`` nan without positives, ``specificity`` nan without
 negatives, ``auc`` nan unless both classes occur. :func:`mean_metrics` averages with
 ``nanmean`` (nan = undefined, skipped; inf stays inf).
@@ -171,6 +174,43 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray,
     }
 
 
+def brier_score(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean squared error of the probabilities, ``mean((p - y)^2)`` in [0, 1]; nan if empty."""
+    labels, probs = np.asarray(labels, dtype=float), np.asarray(probs, dtype=float)
+    return float(np.mean((probs - labels) ** 2)) if labels.size else float("nan")
+
+
+def reliability_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> dict:
+    """Reliability-diagram data over ``n_bins`` equal-width bins of [0, 1].
+
+    Bin b holds ``b / n <= p < (b + 1) / n`` (the last bin also p = 1). Returns (n_bins,)
+    arrays: ``lower``, ``upper`` (edges), ``mean_prob`` (mean p in the bin), ``frequency``
+    (share of positives) and ``count``; mean_prob and frequency are nan for empty bins.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    labels, probs = np.asarray(labels, dtype=float), np.asarray(probs, dtype=float)
+    index = np.clip(np.floor(probs * n_bins).astype(int), 0, n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_prob = np.bincount(index, probs, minlength=n_bins) / count
+        frequency = np.bincount(index, labels, minlength=n_bins) / count
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return {"lower": edges[:-1], "upper": edges[1:], "mean_prob": mean_prob,
+            "frequency": frequency, "count": count}
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:
+    """ECE: ``sum_b (n_b / N) |mean_prob_b - frequency_b|`` over the equal-width bins of
+    :func:`reliability_bins` (empty bins contribute 0); nan if there are no subjects."""
+    bins = reliability_bins(labels, probs, n_bins)
+    n = bins["count"].sum()
+    if n == 0:
+        return float("nan")
+    gaps = np.abs(bins["mean_prob"] - bins["frequency"])
+    return float(np.sum(np.where(bins["count"] > 0, gaps, 0.0) * bins["count"]) / n)
+
+
 def bootstrap_ci(statistic: Callable[..., float], *arrays: np.ndarray, n_resamples: int = 2000,
                  confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """Percentile bootstrap over subjects: (estimate, low, high).
@@ -229,7 +269,7 @@ def delong_test(labels: np.ndarray, probs_a: np.ndarray,
 
 
 __all__ = [
-    "Counts", "bootstrap_ci", "classification_metrics", "confusion_counts", "delong_test",
-    "hd95_mm", "mean_metrics", "roc_auc", "roc_curve", "segmentation_metrics",
-    "surface_distances_mm",
+    "Counts", "bootstrap_ci", "brier_score", "classification_metrics", "confusion_counts",
+    "delong_test", "expected_calibration_error", "hd95_mm", "mean_metrics", "reliability_bins",
+    "roc_auc", "roc_curve", "segmentation_metrics", "surface_distances_mm",
 ]

@@ -14,7 +14,9 @@ Architecture (``w`` = ``width``; channels double per level):
   concatenation and two convs (``w * 2**(k-1)``); a 1x1x1 conv to one logit per voxel;
 - classification branch, a CNN: two blocks of 3x3x3 conv + ReLU + 2x2x2 stride-2 max pool
   (``2 w``, ``4 w`` channels), global average pooling, two dense + ReLU layers
-  (``dense_units``) and one output logit.
+  (``dense_units``) and one output logit. Option (``cls_pooling = "lesion"``, beyond the
+  paper): pool over the segmentation branch's predicted lesion and a rim around it instead
+  (the lesion probability as attention weights, gradient stopped), ``8 w`` pooled features.
 
 Global average pooling, not flatten: a flattened 16^3 x 4w map would put ~8M parameters in
 the first dense layer at the default width (80 training subjects) and tie the parameter
@@ -142,24 +144,57 @@ class UNet(nn.Module):
         return logits, taps
 
 
+POOL_FLOOR = 1e-3  # lesion pooling: uniform weight added everywhere (no lesion -> global mean)
+
+
+def _weighted_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
+    """(B, D, H, W, C) features, (B, D, H, W, 1) weights >= 0 -> (B, C) weighted means."""
+    weights = weights + POOL_FLOOR
+    return jnp.sum(x * weights, axis=(1, 2, 3)) / jnp.sum(weights, axis=(1, 2, 3))
+
+
+def lesion_rim_pool(x: jax.Array, seg_prob: jax.Array, rim_voxels: int) -> jax.Array:
+    """Segmentation-guided pooling: (B, d, d, d, C) features and (B, S, S, S, 1) lesion
+    probabilities (S a multiple of d) -> (B, 2C): the features' mean weighted by the lesion
+    probability, then by a rim around it.
+
+    The probability is block-averaged to the features' grid; the rim is its max-filter
+    dilation by ``rim_voxels`` feature voxels minus the lesion itself.
+    """
+    b, s, d = seg_prob.shape[0], seg_prob.shape[1], x.shape[1]
+    f = s // d
+    lesion = seg_prob.reshape(b, d, f, d, f, d, f, 1).mean(axis=(2, 4, 6))  # (B, d, d, d, 1)
+    k = 2 * rim_voxels + 1
+    dilated = nn.max_pool(lesion, (k, k, k), strides=(1, 1, 1), padding="SAME")
+    rim = jnp.clip(dilated - lesion, 0.0, 1.0)
+    return jnp.concatenate([_weighted_mean(x, lesion), _weighted_mean(x, rim)], axis=-1)
+
+
 class ClassifierHead(nn.Module):
-    """Two conv + max-pool blocks, global average pooling, two dense + ReLU, one logit.
+    """Two conv + max-pool blocks, pooling, two dense + ReLU, one logit.
 
     (B, D, H, W, C) -> (B,) logits in the compute dtype. Pooling is 'SAME' (ceil), so even
-    a 1^3 input (the bottom of a 16^3 volume) works.
+    a 1^3 input (the bottom of a 16^3 volume) works. Without ``seg_prob`` the features are
+    globally averaged (the paper's, (B, 4w)); with ``seg_prob`` (B, S, S, S, 1) they are
+    pooled over the lesion and its rim (:func:`lesion_rim_pool`, (B, 8w)).
     """
 
     width: int
     dense_units: int
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
+    rim_voxels: int = 2
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, seg_prob: jax.Array | None = None) -> jax.Array:
         for i, features in enumerate((2 * self.width, 4 * self.width)):
             x = Conv3x3x3(features, self.conv_impl, self.dtype, relu=True, name=f"conv{i}")(x)
             x = conv_ops.max_pool(x, self.conv_impl)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3))  # (B, 4w)
+        x = x.astype(jnp.float32)
+        if seg_prob is None:
+            x = jnp.mean(x, axis=(1, 2, 3))  # (B, 4w)
+        else:
+            x = lesion_rim_pool(x, seg_prob, self.rim_voxels)  # (B, 8w)
         for i in range(2):
             x = nn.relu(nn.Dense(self.dense_units, dtype=self.dtype,
                                  kernel_init=nn.initializers.he_normal(), name=f"dense{i}")(x))
@@ -182,6 +217,8 @@ class MultiTaskNet(nn.Module):
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
     remat: bool = False
+    cls_pooling: str = "global"
+    cls_rim_voxels: int = 2
 
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array | None]:
@@ -199,8 +236,12 @@ class MultiTaskNet(nn.Module):
             out["seg"] = logits.astype(jnp.float32)  # (B, S, S, S, 1)
             chex.assert_shape(out["seg"], (b, *spatial, 1))
         if self.cls:
-            head = ClassifierHead(self.width, self.dense_units, **kw, name="cls_head")
-            out["cls"] = head(taps[self.share_depth]).astype(jnp.float32)  # (B,)
+            head = ClassifierHead(self.width, self.dense_units, **kw,
+                                  rim_voxels=self.cls_rim_voxels, name="cls_head")
+            guide = None
+            if self.cls_pooling == "lesion":  # the classification loss does not train the seg
+                guide = jax.lax.stop_gradient(jax.nn.sigmoid(out["seg"]))  # (B, S, S, S, 1)
+            out["cls"] = head(taps[self.share_depth], guide).astype(jnp.float32)  # (B,)
             chex.assert_shape(out["cls"], (b,))
         return out
 
@@ -218,9 +259,14 @@ def build_model(model_cfg: ModelConfig) -> MultiTaskNet:
             raise InputError(f"model.share_depth: must be -1 for model '{model_cfg.name}' "
                              f"(only {', '.join(_MOVABLE)} have a movable branch point)")
         depth = model_cfg.share_depth
+    if model_cfg.cls_pooling == "lesion" and not (seg and cls):
+        raise InputError(f"model.cls_pooling: 'lesion' needs both tasks; model "
+                         f"'{model_cfg.name}' has one")
     return MultiTaskNet(seg=seg, cls=cls, share_depth=depth, width=model_cfg.width,
                         dense_units=model_cfg.dense_units, conv_impl=model_cfg.conv_impl,
-                        dtype=jnp.dtype(model_cfg.dtype), remat=model_cfg.remat)
+                        dtype=jnp.dtype(model_cfg.dtype), remat=model_cfg.remat,
+                        cls_pooling=model_cfg.cls_pooling,
+                        cls_rim_voxels=model_cfg.cls_rim_voxels)
 
 
 # flax's he_normal: variance_scaling(2, "fan_in", "truncated_normal"), cut at 2 std devs;
@@ -255,7 +301,8 @@ def init_params(model: nn.Module, size: int, seed: int) -> dict[str, Any]:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-__all__ = ["DECODER", "LEVELS", "MultiTaskNet", "build_model", "has_tasks", "init_params"]
+__all__ = ["DECODER", "LEVELS", "MultiTaskNet", "build_model", "has_tasks", "init_params",
+           "lesion_rim_pool"]
 
 
 def abstract_params(model_cfg: ModelConfig, size: int) -> Any:

@@ -31,8 +31,10 @@ from mlssp_jax import (
     cache,
     checkpointing,
     cli,
+    descriptors,
     ensemble,
     inference,
+    masks,
     metrics,
     models,
     nifti,
@@ -77,7 +79,8 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
                  cfg: config_lib.Config, overlap: float = DEFAULT_OVERLAP,
                  batch_size: int = DEFAULT_BATCH, window: int | None = None,
                  gaussian: bool = True, timings: dict | None = None) -> dict:
-    """Mask (uint8, the input's shape), ``volume_ml`` and ``avm_probability`` of one scan.
+    """Mask (uint8, the input's shape), ``volume_ml``, ``avm_probability`` and the largest
+    predicted lesion's ``descriptors`` of one scan.
 
     ``model``: an Ensemble (its ``windows`` call for the sliding windows, ``voi`` for the
     classification VOI) or one predict_fn for both. ``window``: the sliding window's edge in
@@ -106,7 +109,18 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
     label = None if avm_probability is None else int(metrics.binarize(avm_probability, threshold))
     return {"mask": mask, "volume_ml": float(mask.sum()) * image.voxel_volume_ml,
             "avm_probability": avm_probability, "label": label,
-            "voi_centre_mm": (pre["affine"] @ np.append(centre, 1.0))[:3].round(1).tolist()}
+            "voi_centre_mm": (pre["affine"] @ np.append(centre, 1.0))[:3].round(1).tolist(),
+            "descriptors": predicted_lesion_descriptors(pre, prob, cfg)}
+
+
+def predicted_lesion_descriptors(pre: dict, prob: np.ndarray, cfg: config_lib.Config) -> dict:
+    """:mod:`mlssp_jax.descriptors` of the largest predicted lesion (``prob`` (D, H, W) on
+    the preprocessed grid of ``pre``, binarised at ``train.threshold``)."""
+    lesion = masks.largest_component(metrics.binarize(prob, cfg.train.threshold))
+    return descriptors.lesion_descriptors(
+        lesion, pre["brain"], image=pre["image"], hu=pre.get("hu"),
+        spacing_mm=cfg.data.spacing_mm,
+        window_hu=(cfg.data.window_level_hu, cfg.data.window_width_hu), cfg=cfg.descriptors)
 
 
 class _Clock:

@@ -33,7 +33,13 @@ from mlssp_jax import (
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError, TrainingDiverged
 from mlssp_jax.ops import conv_ops
-from mlssp_jax.train_step import TrainState, create_train_state, make_predict_fn, make_train_step
+from mlssp_jax.train_step import (
+    TrainState,
+    create_train_state,
+    fold_class_weights,
+    make_predict_fn,
+    make_train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +204,9 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
         manager.close()
     log.info("fold %d: evaluating the best checkpoint (epoch %d) on %d held-out subjects",
              fold, best, len(data["test"]))
+    temperature = fold_eval.fit_fold_temperature(config, predict_fn, params, data["val"], mesh)
     result = fold_eval.evaluate_fold(config, predict_fn, params, data["test"], workdir, fold,
-                                     mesh)
+                                     mesh, temperature)
     log.info("fold %d: %s", fold, fold_eval.held_out_summary(result))
     return result
 
@@ -208,7 +215,8 @@ def run_epochs(config: config_lib.Config, state: TrainState, data: dict[str, lis
                manager: Any, workdir: Path, fold: int, start: int, mesh: Mesh, steps: int,
                predict_fn: Callable) -> TrainState:
     """Epochs ``start..train.epochs - 1``: train, score the inner validation, record, save."""
-    train_step = make_train_step(config, mesh, steps)
+    train_step = make_train_step(config, mesh, steps,
+                                 fold_class_weights(config, data["train"]))
     epochs, seconds = config.train.epochs, []
     for epoch in range(start, epochs):
         began = time.perf_counter()

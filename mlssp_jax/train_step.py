@@ -51,6 +51,31 @@ def create_optimizer(train_cfg: config_lib.TrainConfig,
                       b1=train_cfg.adam_b1, b2=train_cfg.adam_b2)
 
 
+def make_update_fn(train_cfg: config_lib.TrainConfig, steps_per_epoch: int) -> Callable:
+    """``(grads, opt_state, trainable, step) -> (trainable, opt_state)``: one optimiser step.
+
+    ``trainable`` is ``{"params", "log_vars"}``. One Adam over both (its state keeps the
+    structure of earlier runs' checkpoints); with ``train.auto_weight_lr`` > 0 the
+    log-variances' update is rescaled from the network's rate ``lr(step)`` to that constant
+    rate, which is exactly a separate Adam at that rate (Adam's moments are per parameter).
+    The log-variances are then clipped to [``log_var_min``, ``log_var_max``].
+    """
+    tx = create_optimizer(train_cfg, steps_per_epoch)
+    lr_fn = create_learning_rate_fn(train_cfg, steps_per_epoch)
+
+    def update(grads: dict, opt_state: optax.OptState, trainable: dict,
+               step: jax.Array) -> tuple[dict, optax.OptState]:
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        if train_cfg.auto_weight_lr > 0:
+            scale = train_cfg.auto_weight_lr / lr_fn(step)
+            updates = {**updates, "log_vars": updates["log_vars"] * scale}
+        trainable = optax.apply_updates(trainable, updates)
+        log_vars = jnp.clip(trainable["log_vars"], train_cfg.log_var_min, train_cfg.log_var_max)
+        return {**trainable, "log_vars": log_vars}, opt_state
+
+    return update
+
+
 def _trainable(state: TrainState) -> dict:
     return {"params": state.params, "log_vars": state.log_vars}
 
@@ -77,34 +102,38 @@ def create_train_state(config: config_lib.Config, rng: jax.Array, mesh: Mesh,
     return jax.jit(init, out_shardings=parallel.replicated(mesh))(params)
 
 
-def make_loss_fn(config: config_lib.Config) -> Callable:
-    """``(trainable, batch) -> (loss, parts)``: the weighted task losses on one batch."""
+def make_loss_fn(config: config_lib.Config, class_weights: np.ndarray | None = None) -> Callable:
+    """``(trainable, batch) -> (loss, parts)``: the weighted task losses on one batch.
+
+    ``class_weights`` (2,): the class-balanced BCE's weights (:func:`fold_class_weights`).
+    """
     model = models.build_model(config.model)
     alpha = config.train.alpha
 
     def loss_fn(trainable: dict, batch: dict) -> tuple[jax.Array, dict]:
         outputs = model.apply({"params": trainable["params"]}, batch["image"])
         log_vars = trainable["log_vars"] if alpha == "auto" else None
-        return losses.total_loss(outputs, batch, alpha, log_vars)
+        return losses.total_loss(outputs, batch, alpha, log_vars, class_weights)
 
     return loss_fn
 
 
-def make_train_step(config: config_lib.Config, mesh: Mesh, steps_per_epoch: int) -> Callable:
+def make_train_step(config: config_lib.Config, mesh: Mesh, steps_per_epoch: int,
+                    class_weights: np.ndarray | None = None) -> Callable:
     """A jitted ``(state, batch) -> (state, metrics)``; the state's buffers are donated.
 
     ``batch``: ``image``/``mask`` ``(B, S, S, S, 1)`` and ``label`` ``(B,)``, sharded along
     the batch. ``metrics``: ``loss``, the per-task losses and ``lr`` (the rate of this step).
+    ``class_weights``: see :func:`make_loss_fn`.
     """
-    loss_fn = make_loss_fn(config)
-    tx = create_optimizer(config.train, steps_per_epoch)
+    loss_fn = make_loss_fn(config, class_weights)
+    update = make_update_fn(config.train, steps_per_epoch)
     lr_fn = create_learning_rate_fn(config.train, steps_per_epoch)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         trainable = _trainable(state)
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        trainable, opt_state = update(grads, state.opt_state, trainable, state.step)
         new_state = state.replace(step=state.step + 1, params=trainable["params"],
                                   log_vars=trainable["log_vars"], opt_state=opt_state)
         return new_state, {**parts, "loss": loss, "lr": lr_fn(state.step)}
@@ -112,6 +141,14 @@ def make_train_step(config: config_lib.Config, mesh: Mesh, steps_per_epoch: int)
     return jax.jit(train_step, donate_argnums=0,
                    in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
                    out_shardings=parallel.replicated(mesh))
+
+
+def fold_class_weights(config: config_lib.Config, train_examples: list[dict]) -> np.ndarray | None:
+    """The class-balanced BCE's (2,) weights from the training fold's labels, or None when
+    ``train.class_balance`` is off."""
+    if not config.train.class_balance:
+        return None
+    return losses.class_balance_weights(np.array([e["label"] for e in train_examples]))
 
 
 def make_predict_fn(config: config_lib.Config, mesh: Mesh | None = None) -> ApplyFn:

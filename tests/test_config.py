@@ -18,7 +18,9 @@ def test_defaults_are_the_paper():
 
 def test_toml_round_trip(tmp_path):
     c = config.apply_overrides(config.Config(), ["model.width=8", 'train.alpha="auto"',
-                                                 'data.manifest="a \\"b\\".csv"'])
+                                                 'data.manifest="a \\"b\\".csv"',
+                                                 "descriptors.rim_mm=3.0",
+                                                 'model.cls_pooling="lesion"'])
     path = tmp_path / "c.toml"
     path.write_text(config.to_toml(c))
     assert config.load(path) == c
@@ -49,6 +51,16 @@ def test_int_accepted_for_float():
     ({"data": {"voi_size": 40}}, "multiple of 16"),
     ({"augment": {"background_fraction": 1.0}}, "augment.background_fraction must be in [0, 1)"),
     ({"augment": {"background_fraction": -0.1}}, "augment.background_fraction must be in [0, 1)"),
+    ({"train": {"auto_weight_lr": -1e-3}}, "train.auto_weight_lr must be >= 0"),
+    ({"train": {"log_var_min": 2.0, "log_var_max": 1.0}}, "train.log_var_min must be <"),
+    ({"train": {"calibration_bins": 0}}, "train.calibration_bins must be >= 1"),
+    ({"model": {"cls_pooling": "max"}}, "model.cls_pooling must be one of global, lesion"),
+    ({"model": {"cls_rim_voxels": -1}}, "model.cls_rim_voxels must be >= 0"),
+    ({"descriptors": {"rim_mm": 0.0}}, "descriptors.rim_mm must be > 0"),
+    ({"descriptors": {"vessel_min_mm": 20.0}}, "descriptors.vessel_min_mm must be in"),
+    ({"descriptors": {"vessel_min_hu": 95.0}}, "descriptors.vessel_min_hu must be <="),
+    ({"descriptors": {"l2_penalty": -1.0}}, "descriptors.l2_penalty must be >= 0"),
+    ({"descriptors": {"rim": 4.0}}, "unknown key 'descriptors.rim'"),
 ])
 def test_bad_values_are_input_errors(raw, message):
     with pytest.raises(InputError, match=None) as err:

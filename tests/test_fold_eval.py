@@ -29,8 +29,12 @@ def test_results_have_spec_fields_and_mean_per_subject_metrics():
     assert seg["volume_error_ml"] == pytest.approx((0.0 + 4 * 8 / 1000) / 2)
     assert seg["per_subject"][0]["hd95_mm"] == 0.0 and seg["per_subject"][1]["hd95_mm"] > 0
     cls = fold_eval.classification_result(preds, 0.5)
-    assert set(cls) == {"accuracy", "sensitivity", "specificity", "auc", "threshold", "per_subject"}
+    assert set(cls) == {"accuracy", "sensitivity", "specificity", "auc", "brier", "ece",
+                        "threshold", "per_subject"}
     assert (cls["accuracy"], cls["auc"]) == (1.0, 1.0)
+    # probabilities 0.8 (AVM) and 0.3 (other): Brier (0.2^2 + 0.3^2) / 2, ECE (0.2 + 0.3) / 2
+    assert cls["brier"] == pytest.approx(0.065)
+    assert cls["ece"] == pytest.approx(0.25)
     assert cls["per_subject"][1] == {"subject_id": "b", "label": 0, "prob": 0.3}
 
 
@@ -62,3 +66,14 @@ def test_an_empty_prediction_has_null_hd95_left_out_of_the_mean():
     seg = fold_eval.segmentation_result(preds, 0.5, 1.0)
     assert seg["per_subject"][1]["hd95_mm"] is None and seg["per_subject"][1]["dsc"] == 0.0
     assert seg["hd95_mm"] == 0.0 and seg["dsc"] == 0.5
+
+
+def test_temperature_rescales_only_the_classification_probabilities():
+    truth = np.ones((2, 2, 2), bool)
+    preds = [_pred("a", 1, truth, np.full((2, 2, 2), 0.9), 0.8),
+             _pred("b", 0, truth, np.full((2, 2, 2), 0.9), 0.3)]
+    assert fold_eval._with_temperature(preds, 1.0) is preds
+    scaled = fold_eval._with_temperature(preds, 2.0)  # logit / 2: towards 0.5, order kept
+    assert 0.5 < scaled[0]["cls_prob"] < 0.8 and 0.3 < scaled[1]["cls_prob"] < 0.5
+    assert scaled[0]["cls_prob"] == pytest.approx(1 / (1 + (0.2 / 0.8) ** 0.5))
+    assert scaled[0]["seg_prob"] is preds[0]["seg_prob"]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlssp_jax.losses import bce_loss, dice_loss, total_loss
+from mlssp_jax.losses import bce_loss, class_balance_weights, dice_loss, total_loss
 
 BIG = 30.0  # sigmoid(+-30) is 1 / 0 to float32 precision
 
@@ -114,3 +114,25 @@ def test_total_auto_weighting(case):
     np.testing.assert_allclose(grad(jnp.log(jnp.array([dice, bce]))), [0.0, 0.0], atol=1e-5)
     with pytest.raises(ValueError, match="log_vars"):
         total_loss(outputs, batch, alpha="auto")
+
+
+def test_class_balance_weights():
+    # 1 positive, 3 negatives: n / (2 n_c) = 4 / 6 and 4 / 2
+    np.testing.assert_allclose(class_balance_weights(np.array([1, 0, 0, 0])), [2 / 3, 2.0])
+    np.testing.assert_allclose(class_balance_weights(np.array([1, 0, 1, 0])), [1.0, 1.0])
+    np.testing.assert_allclose(class_balance_weights(np.array([0, 0])), [1.0, 1.0])
+
+
+def test_total_class_balanced_bce(case):
+    outputs, batch, dice, _ = case  # sample 0 positive (BCE log 2), sample 1 negative
+    bce_pos, bce_neg = np.log(2.0), np.log1p(np.exp(2.0))
+    weights = jnp.array([0.5, 3.0])
+    _, aux = total_loss(outputs, batch, alpha=0.4, class_weights=weights)
+    np.testing.assert_allclose(aux["bce"], (3.0 * bce_pos + 0.5 * bce_neg) / 2, rtol=1e-6)
+    np.testing.assert_allclose(aux["dice"], dice, rtol=1e-6)  # segmentation untouched
+    # a batch of one class keeps its weight (the mean divides by the sample count)
+    positive_only = {**batch, "valid": jnp.array([True, False])}
+    _, aux = total_loss(outputs, positive_only, alpha=0.4, class_weights=weights)
+    np.testing.assert_allclose(aux["bce"], 3.0 * bce_pos, rtol=1e-6)
+    ones = total_loss(outputs, batch, alpha=0.4, class_weights=jnp.ones(2))[0]
+    np.testing.assert_allclose(ones, total_loss(outputs, batch, alpha=0.4)[0], rtol=1e-6)

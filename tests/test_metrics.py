@@ -191,3 +191,27 @@ def test_delong_matches_naive(case):
         b = np.round(b * 3) / 3
     np.testing.assert_allclose(metrics.delong_test(labels, a, b), _naive_delong(labels, a, b))
     assert metrics.delong_test(labels, a, a)[2] == 1.0
+
+
+def test_brier_and_ece_hand_computed():
+    labels, probs = np.array([0, 0, 1, 1]), np.array([0.1, 0.3, 0.6, 0.9])
+    assert metrics.brier_score(labels, probs) == pytest.approx((0.01 + 0.09 + 0.16 + 0.01) / 4)
+    # 2 bins: [0, .5) mean .2 freq 0, [.5, 1] mean .75 freq 1 -> (0.2 + 0.25) / 2
+    assert metrics.expected_calibration_error(labels, probs, n_bins=2) == pytest.approx(0.225)
+    bins = metrics.reliability_bins(labels, probs, n_bins=4)
+    np.testing.assert_array_equal(bins["count"], [1, 1, 1, 1])
+    np.testing.assert_allclose(bins["mean_prob"], probs)
+    np.testing.assert_allclose(bins["frequency"], labels)
+    np.testing.assert_allclose(bins["lower"], [0, 0.25, 0.5, 0.75])
+
+
+def test_reliability_bin_edges_and_empty_bins():
+    bins = metrics.reliability_bins(np.array([1, 0, 1]), np.array([1.0, 0.5, 0.0]), n_bins=2)
+    np.testing.assert_array_equal(bins["count"], [1, 2])  # 0.5 and 1.0 are in the last bin
+    empty = metrics.reliability_bins(np.array([1, 1]), np.array([0.95, 0.97]), n_bins=10)
+    assert np.isnan(empty["mean_prob"][:9]).all() and empty["count"][9] == 2
+    # perfectly calibrated groups: ECE 0; all wrong and certain: ECE 1
+    assert metrics.expected_calibration_error(np.array([0, 1, 0, 1]), np.full(4, 0.5), 10) == 0.0
+    assert metrics.expected_calibration_error(np.array([0, 1]), np.array([1.0, 0.0]), 10) == 1.0
+    with pytest.raises(ValueError, match="n_bins"):
+        metrics.reliability_bins(np.array([1]), np.array([0.5]), n_bins=0)

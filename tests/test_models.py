@@ -12,7 +12,14 @@ import pytest
 
 from mlssp_jax.config import MODEL_NAMES, ModelConfig
 from mlssp_jax.errors import InputError
-from mlssp_jax.models import DECODER, build_model, has_tasks, init_params
+from mlssp_jax.models import (
+    DECODER,
+    POOL_FLOOR,
+    build_model,
+    has_tasks,
+    init_params,
+    lesion_rim_pool,
+)
 
 KEY = jax.random.key(0, impl="rbg")  # rbg: far faster to compile on CPU than threefry
 WIDTH = 4
@@ -158,3 +165,53 @@ def test_host_init_params_match_flax_init_structure_and_scale():
     pairs = zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True)
     assert all(np.array_equal(a, b) for a, b in pairs)
     assert not np.array_equal(kernel, other["unet"]["bottom"]["conv0"]["kernel"])
+
+
+LESION = dataclasses.replace(TINY, cls_pooling="lesion", cls_rim_voxels=1)
+
+
+@pytest.mark.parametrize("name", ["mlssp", "ynet", "he"])
+def test_lesion_pooling_shapes(name):
+    out, params = _shapes(dataclasses.replace(LESION, name=name), (2, 32, 32, 32, 1))
+    assert out["cls"].shape == (2,) and out["seg"].shape == (2, 32, 32, 32, 1)
+    # lesion and rim means of the 4w features feed the first dense layer
+    assert params["cls_head"]["dense0"]["kernel"].shape == (8 * WIDTH, 8)
+
+
+def test_global_pooling_is_the_default_and_unchanged():
+    assert ModelConfig().cls_pooling == "global"
+    out, params = _shapes(TINY, (2, 16, 16, 16, 1))
+    assert params["cls_head"]["dense0"]["kernel"].shape == (4 * WIDTH, 8)
+    _, explicit = _shapes(dataclasses.replace(TINY, cls_pooling="global"), (2, 16, 16, 16, 1))
+    assert jax.tree.structure(explicit) == jax.tree.structure(params)
+    with pytest.raises(InputError, match="cls_pooling"):
+        build_model(dataclasses.replace(LESION, name="cnn"))
+
+
+def test_lesion_rim_pool_weights_lesion_then_rim():
+    x = jnp.arange(4 * 4 * 4, dtype=jnp.float32).reshape(1, 4, 4, 4, 1)  # (1, 4, 4, 4, 1)
+    prob = jnp.zeros((1, 8, 8, 8, 1)).at[0, 2:4, 2:4, 2:4, 0].set(1.0)  # feature voxel (1, 1, 1)
+    pooled = np.asarray(lesion_rim_pool(x, prob, rim_voxels=1))  # (1, 2)
+    values = np.asarray(x[0, ..., 0])
+    lesion = np.zeros((4, 4, 4))
+    lesion[1, 1, 1] = 1.0
+    rim = np.zeros((4, 4, 4))
+    rim[0:3, 0:3, 0:3] = 1.0
+    rim[1, 1, 1] = 0.0  # the 26 neighbours
+    for half, weights in enumerate((lesion, rim)):
+        weights = weights + POOL_FLOOR
+        assert pooled[0, half] == pytest.approx((weights * values).sum() / weights.sum(),
+                                                rel=1e-5)
+    # no lesion predicted: both halves fall back to the global mean
+    empty = np.asarray(lesion_rim_pool(x, jnp.zeros_like(prob), rim_voxels=1))
+    np.testing.assert_allclose(empty, [[x.mean(), x.mean()]], rtol=1e-5)
+
+
+def test_lesion_pooling_does_not_train_the_segmentation_through_the_classifier():
+    model = build_model(LESION)
+    x = jax.random.uniform(jax.random.key(1, impl="rbg"), (2, 16, 16, 16, 1))
+    params = _random_params(model, x)
+    _, seg_grads, cls_grads = jax.jit(lambda p: _task_grads(model, p, x))(params)
+    cls = _norms(cls_grads)
+    assert cls["cls_head"] > 0 and cls["stem"] > 0
+    assert cls["unet"] == 0  # the probability guides the pooling with its gradient stopped

@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from mlssp_jax import config, manifest, nifti, predict
 from mlssp_jax.cli import run_command
+from mlssp_jax.descriptors import DESCRIPTOR_NAMES
 from mlssp_jax.errors import InputError
 from mlssp_jax.scans import scan_name
 
@@ -154,6 +155,8 @@ def test_command_writes_mask_and_json_on_the_inputs_grid(tiny_run, tiny_cohort, 
         voxel_ml = abs(np.linalg.det(image.affine[:3, :3])) / 1000
         assert record["volume_ml"] == pytest.approx(mask.data.sum() * voxel_ml)
         assert record["folds"] == [0] and 0 <= record["avm_probability"] <= 1
+        assert set(record["descriptors"]) == set(DESCRIPTOR_NAMES)
+        assert record["descriptors"]["volume_ml"] >= 0
         assert record["label"] == int(record["avm_probability"] >= record["threshold"])
 
 

@@ -37,7 +37,9 @@ def test_trains_one_fold_and_writes_every_output(tiny_run):
     assert (result["fold"], result["alpha"], result["model"]) == (0, 0.4, "mlssp")
     seg, cls = result["segmentation"], result["classification"]
     assert SEG_KEYS | {"per_subject"} == set(seg)
-    assert {"accuracy", "sensitivity", "specificity", "auc", "threshold", "per_subject"} == set(cls)
+    assert {"accuracy", "sensitivity", "specificity", "auc", "brier", "ece", "temperature",
+            "threshold", "per_subject"} == set(cls)
+    assert cls["temperature"] == 1.0  # train.temperature_scaling is off
     test_ids = json.loads((tiny_run / "splits.json").read_text())["folds"][0]["test"]
     assert [s["subject_id"] for s in seg["per_subject"]] == test_ids
     assert all(set(s) == SEG_KEYS | {"subject_id"} for s in seg["per_subject"])

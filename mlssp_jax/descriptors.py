@@ -1,0 +1,156 @@
+"""Lesion descriptors: a few interpretable numbers measured from a lesion mask and its scan.
+
+Inputs are arrays on the preprocessed grid (:mod:`mlssp_jax.preprocess`), all ``(D, H, W)``:
+a lesion ``mask`` (predicted or true, nonzero = lesion), the ``brain`` mask and the density,
+either in HU (``hu``) or as the windowed ``image`` in [0, 1]. The window is inverted
+(``hu = level - width / 2 + image * width``: HU 0..100 for WL 50 / WW 100), so densities
+outside the window are clipped to its ends (a 120 HU calcification reads 100 HU, a -10 HU
+CSF voxel 0 HU); pass ``hu`` when the unclipped values are at hand.
+
+Descriptors (:data:`DESCRIPTOR_NAMES`; ``None`` when undefined, e.g. for an empty mask):
+
+- ``volume_ml``, ``log_volume_ml`` (natural log of mL);
+- ``centroid_depth_mm``: the distance from the lesion's centroid (rounded to the nearest
+  voxel) to the nearest voxel outside the brain, i.e. the depth below the brain surface
+  (0 if the centroid is outside the brain); ``min_depth_mm``: the same at the lesion voxel
+  closest to the surface;
+- ``solidity``: lesion volume / volume of the convex hull of its voxels' corners, in (0, 1]
+  (1 for a box, lower for lobulated or tangled shapes: the surface irregularity);
+- ``hu_mean``, ``hu_std``: the density inside the lesion (HU);
+- ``rim_hu_mean``: the mean density of the brain voxels 0 < d <= ``rim_mm`` outside the
+  lesion (edema is darker than brain);
+- ``vessel_fraction``: the share of brain voxels ``vessel_min_mm`` < d <= ``vessel_max_mm``
+  outside the lesion whose density is in [``vessel_min_hu``, ``vessel_max_hu``] (bright
+  feeding arteries and draining veins around an AVM).
+
+Distances d are Euclidean in mm (``spacing_mm`` per axis) from the nearest lesion voxel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+from mlssp_jax.config import DescriptorConfig
+
+DESCRIPTOR_NAMES = ("volume_ml", "log_volume_ml", "centroid_depth_mm", "min_depth_mm",
+                    "solidity", "hu_mean", "hu_std", "rim_hu_mean", "vessel_fraction")
+
+
+def hu_from_window(image: np.ndarray, level_hu: float, width_hu: float) -> np.ndarray:
+    """Invert :func:`mlssp_jax.preprocess.window`: [0, 1] -> HU ``level -+ width / 2``, float32.
+
+    Values the window clipped stay at its ends (see the module docstring).
+    """
+    low = level_hu - width_hu / 2.0
+    return (low + np.asarray(image, np.float32) * width_hu).astype(np.float32)
+
+
+def _spacing(spacing_mm: float | Sequence[float]) -> np.ndarray:
+    return np.broadcast_to(np.asarray(spacing_mm, float), (3,)).copy()
+
+
+def depth_below_surface_mm(brain: np.ndarray, spacing_mm: float | Sequence[float]) -> np.ndarray:
+    """(D, H, W) float distance (mm) of each brain voxel to the nearest non-brain voxel.
+
+    The array's border counts as outside the brain; non-brain voxels are 0.
+    """
+    padded = np.pad(np.asarray(brain).astype(bool), 1)
+    depth = ndimage.distance_transform_edt(padded, sampling=_spacing(spacing_mm))
+    return depth[1:-1, 1:-1, 1:-1]
+
+
+def solidity(mask: np.ndarray, spacing_mm: float | Sequence[float] = 1.0) -> float | None:
+    """Volume / convex-hull volume of the union of the voxel cubes of ``mask``; None if empty.
+
+    The hull is that of the 8 corners of each surface voxel (interior voxels add no corner
+    outside it), so it contains every cube and the ratio is in (0, 1].
+    """
+    mask = np.asarray(mask).astype(bool)
+    if not mask.any():
+        return None
+    spacing = _spacing(spacing_mm)
+    surface = mask & ~ndimage.binary_erosion(mask, border_value=0)
+    centres = np.argwhere(surface).astype(float)  # (N, 3) voxel indices
+    corners = np.array([[i, j, k] for i in (-0.5, 0.5) for j in (-0.5, 0.5) for k in (-0.5, 0.5)])
+    points = np.unique((centres[:, None, :] + corners[None]).reshape(-1, 3), axis=0) * spacing
+    try:
+        hull_mm3 = ConvexHull(points).volume
+    except QhullError:  # cannot happen for >= 1 voxel (a cube's corners span 3-D); be safe
+        return None
+    return float(min(1.0, mask.sum() * np.prod(spacing) / hull_mm3))
+
+
+def _shell(distance_mm: np.ndarray, inner_mm: float, outer_mm: float,
+           brain: np.ndarray) -> np.ndarray:
+    return (distance_mm > inner_mm) & (distance_mm <= outer_mm) & brain
+
+
+def _mean_or_none(values: np.ndarray) -> float | None:
+    return float(values.mean()) if values.size else None
+
+
+def _density(image: np.ndarray | None, hu: np.ndarray | None,
+             window_hu: tuple[float, float]) -> np.ndarray:
+    if hu is not None:
+        return np.asarray(hu, np.float32)
+    if image is None:
+        raise ValueError("lesion_descriptors needs hu or image")
+    return hu_from_window(image, *window_hu)
+
+
+def lesion_descriptors(mask: np.ndarray, brain: np.ndarray, *, image: np.ndarray | None = None,
+                       hu: np.ndarray | None = None, spacing_mm: float | Sequence[float] = 1.0,
+                       window_hu: tuple[float, float] = (50.0, 100.0),
+                       cfg: DescriptorConfig | None = None) -> dict[str, float | None]:
+    """The descriptors of :data:`DESCRIPTOR_NAMES` for one lesion (see the module docstring).
+
+    Args:
+      mask, brain: (D, H, W) binary arrays; the lesion counts only where it is.
+      image: (D, H, W) windowed density in [0, 1], used when ``hu`` is None.
+      hu: (D, H, W) density in HU.
+      spacing_mm: voxel size, one number or one per axis.
+      window_hu: (level, width) of the window that made ``image`` (``data.window_level_hu``,
+        ``data.window_width_hu``).
+      cfg: the shell and density parameters (defaults: :class:`DescriptorConfig`).
+
+    Returns:
+      name -> float, or None when undefined (empty mask, empty shell).
+    """
+    cfg = cfg or DescriptorConfig()
+    mask, brain = np.asarray(mask).astype(bool), np.asarray(brain).astype(bool)
+    if mask.shape != brain.shape:
+        raise ValueError(f"mask shape {mask.shape} != brain shape {brain.shape}")
+    spacing = _spacing(spacing_mm)
+    out: dict[str, float | None] = dict.fromkeys(DESCRIPTOR_NAMES)
+    n_voxels = int(mask.sum())
+    out["volume_ml"] = n_voxels * float(np.prod(spacing)) / 1000.0
+    if n_voxels == 0:
+        return out
+    density = _density(image, hu, window_hu)
+    depth = depth_below_surface_mm(brain, spacing)
+    centroid = tuple(np.rint(ndimage.center_of_mass(mask)).astype(int))
+    lesion_values = density[mask]
+    to_lesion = ndimage.distance_transform_edt(~mask, sampling=spacing)
+    vessel_shell = _shell(to_lesion, cfg.vessel_min_mm, cfg.vessel_max_mm, brain)
+    vessels = density[vessel_shell]
+    out.update(
+        log_volume_ml=math.log(out["volume_ml"]),
+        centroid_depth_mm=float(depth[centroid]),
+        min_depth_mm=float(depth[mask].min()),
+        solidity=solidity(mask, spacing),
+        hu_mean=float(lesion_values.mean()),
+        hu_std=float(lesion_values.std()),
+        rim_hu_mean=_mean_or_none(density[_shell(to_lesion, 0.0, cfg.rim_mm, brain)]),
+        vessel_fraction=_mean_or_none(
+            (vessels >= cfg.vessel_min_hu) & (vessels <= cfg.vessel_max_hu)),
+    )
+    return out
+
+
+__all__ = ["DESCRIPTOR_NAMES", "depth_below_surface_mm", "hu_from_window", "lesion_descriptors",
+           "solidity"]
