@@ -213,3 +213,23 @@ def save(path: str | Path, data: np.ndarray, affine: np.ndarray, *, slope: float
         raw = gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
     with atomic_path(path) as tmp:
         tmp.write_bytes(raw)
+
+
+def read_header(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The 3-D shape and ``(4, 4)`` affine of a NIfTI file, from its header (no voxels read).
+
+    Runs :func:`read_volume`'s header and shape checks; for an uncompressed ``.nii`` also that
+    the file holds every voxel the header announces (a truncated ``.nii.gz`` shows only when
+    its voxels are read).
+    """
+    path = Path(path)
+    img = _open(path)
+    affine = _check_header(path, img)
+    shape = _squeeze_to_3d(path, img.shape)
+    if not path.name.endswith(".gz"):
+        needed = (int(img.header.get_data_offset())
+                  + int(np.prod(img.shape)) * img.get_data_dtype().itemsize)
+        size = path.stat().st_size
+        if size < needed:
+            raise InputError(f"{path}: truncated: {size} bytes, the header needs {needed}")
+    return shape, affine
