@@ -227,8 +227,8 @@ def read_header(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
     affine = _check_header(path, img)
     shape = _squeeze_to_3d(path, img.shape)
     if not path.name.endswith(".gz"):
-        needed = (int(img.header.get_data_offset())
-                  + int(np.prod(img.shape)) * img.get_data_dtype().itemsize)
+        offset = int(getattr(img.dataobj, "offset", 0))  # where nibabel reads the voxels
+        needed = offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
         size = path.stat().st_size
         if size < needed:
             raise InputError(f"{path}: truncated: {size} bytes, the header needs {needed}")

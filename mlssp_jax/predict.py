@@ -27,10 +27,11 @@ from mlssp_jax import (
     nifti,
     preprocess,
     train_lib,
+    verify,
 )
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
-from mlssp_jax.fileio import write_json
+from mlssp_jax.fileio import inside, staged_outputs, write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,21 @@ def load_ensemble(workdir: Path, fold: int | None = None
     if not done:
         raise InputError(f"{workdir}: no finished fold (no fold_K/eval.json)")
     apply = train_lib.make_predict_fn(cfg)
-    fns = [_numpy_fn(apply, checkpointing.restore_best_params(workdir, k)[0]) for k in done]
+    fns = [_numpy_fn(apply, _restore(workdir, k)) for k in done]
     return cfg, done, inference.ensemble(fns)
+
+
+def _restore(workdir: Path, fold: int):
+    """The fold's best parameters; InputError naming the checkpoint folder if it is damaged."""
+    try:
+        return checkpointing.restore_best_params(workdir, fold)[0]
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types on bad files
+        where = checkpointing.checkpoint_dir(workdir, fold)
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise InputError(f"{where}: cannot restore the best checkpoint "
+                         f"({type(err).__name__}: {first})") from None
 
 
 def _numpy_fn(apply, params) -> inference.PredictFn:
@@ -146,13 +160,23 @@ def scan_name(path: Path) -> str:
     return path.name.removesuffix(".gz").removesuffix(".nii")
 
 
+def check_names(paths: Sequence[Path]) -> None:
+    """InputError if two scans would write the same output files (same name)."""
+    seen: dict[str, Path] = {}
+    for path in paths:
+        name = scan_name(path)
+        if name in seen:
+            raise InputError(f"{path}: same output name '{name}' as {seen[name]}")
+        seen[name] = path
+
+
 def write_outputs(out: Path, path: Path, image: nifti.Volume, result: dict, info: dict) -> None:
     """``out/<name>_mask.nii.gz`` (the input's grid) and ``out/<name>.json``, each atomically."""
     name = scan_name(path)
-    nifti.save(out / f"{name}_mask.nii.gz", result["mask"], image.affine)
+    nifti.save(inside(out, out / f"{name}_mask.nii.gz"), result["mask"], image.affine)
     record = {"image": str(path), **{k: v for k, v in result.items() if k != "mask"},
               "voxels": int(result["mask"].sum()), **info}
-    write_json(out / f"{name}.json", record)
+    write_json(inside(out, out / f"{name}.json"), record)
 
 
 def _parser() -> cli.ArgumentParser:
@@ -177,16 +201,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
     paths = scan_paths(args.image)
+    check_names(paths)
+    verify.check_scans(paths)  # every scan before any output
     cfg, folds, predict_fn = load_ensemble(args.workdir, args.fold)
     info = {"model": cfg.model.name, "folds": folds, "threshold": cfg.train.threshold,
             "tta": args.tta, "overlap": args.overlap}
-    for path in tqdm(paths, desc="predict", unit="scan"):
-        image = nifti.load_image(path)
-        result = predict_scan(image, predict_fn, cfg, args.overlap,
-                              args.batch_size, args.tta)
-        write_outputs(args.out, path, image, result, info)
-        log.info("%s: %.2f mL, AVM probability %s", path.name, result["volume_ml"],
-                 result["avm_probability"])
+    with staged_outputs(args.out) as stage:  # into --out only once every scan succeeded
+        for path in tqdm(paths, desc="predict", unit="scan"):
+            image = nifti.load_image(path)
+            result = predict_scan(image, predict_fn, cfg, args.overlap,
+                                  args.batch_size, args.tta)
+            write_outputs(stage, path, image, result, info)
+            log.info("%s: %.2f mL, AVM probability %s", path.name, result["volume_ml"],
+                     result["avm_probability"])
     return 0
 
 

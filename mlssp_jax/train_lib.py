@@ -42,7 +42,7 @@ from mlssp_jax import (
 )
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
-from mlssp_jax.fileio import atomic_path, write_json, write_text
+from mlssp_jax.fileio import atomic_path, inside, write_json, write_text
 
 log = logging.getLogger(__name__)
 PredictFn = Callable[[Any, jax.Array], dict]
@@ -399,7 +399,7 @@ def save_predictions(out_dir: Path, preds: list[dict], threshold: float) -> None
         if p["seg_prob"] is not None:
             arrays["pred"] = (p["seg_prob"] > threshold).astype(np.uint8)
             arrays["prob"] = p["seg_prob"].astype(np.float16)
-        with atomic_path(out_dir / f"{p['subject_id']}.npz") as tmp:
+        with atomic_path(inside(out_dir, out_dir / f"{p['subject_id']}.npz")) as tmp:
             np.savez_compressed(tmp, **arrays)
 
 
