@@ -435,13 +435,13 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
     fold_dir = workdir / f"fold_{fold}"
     conv_ops.resolve_impl(config.model.conv_impl)  # an impl that cannot run here: fail now
     data = load_fold_data(config, workdir, fold)  # validates the data before writing anything
-    write_run_config(config, workdir)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.train.batch_size, mesh)
     steps = input_pipeline.steps_per_epoch(len(data["train"]), config.train.batch_size)
     if steps < 1:
         raise InputError(f"train.batch_size: {config.train.batch_size} is more than the "
                          f"{len(data['train'])} training subjects of fold {fold}")
+    write_run_config(config, workdir)
     state = create_train_state(config, jax.random.key(config.train.seed), mesh, steps)
     manager = checkpointing.open_manager(checkpointing.checkpoint_dir(workdir, fold))
     try:
