@@ -24,6 +24,7 @@ from mlssp_jax.errors import InputError
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+QUIET_LOGGERS = ("absl", "jax._src.xla_bridge")  # INFO chatter a user need not read
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -48,8 +49,9 @@ def setup_logging(verbose: bool = False) -> None:
     """Log to stderr with a short time-stamped format (INFO, or DEBUG if verbose).
 
     Records print above running progress bars (:class:`BarAwareHandler`). The ``absl``
-    logger (orbax logs every checkpoint save and restore through it at INFO) is kept at
-    WARNING unless verbose.
+    logger (orbax logs every checkpoint save and restore through it at INFO) and JAX's
+    backend setup (``Unable to initialize backend 'tpu'`` at INFO on every CPU run) are kept
+    at WARNING unless verbose.
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -58,7 +60,14 @@ def setup_logging(verbose: bool = False) -> None:
         handlers=[BarAwareHandler(sys.stderr)],
         force=True,  # orbax and grain install a WARNING root handler at import
     )
-    logging.getLogger("absl").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def diverged(err: Exception, kept_in: object) -> int:
+    """A :class:`~mlssp_jax.errors.TrainingDiverged` as one ``error:`` line; exit code 1."""
+    error_line(f"{err}; the last good checkpoint is kept in {kept_in}")
+    return EXIT_FAILED
 
 
 def _forward_to(queue, level: int) -> None:

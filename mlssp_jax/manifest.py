@@ -23,7 +23,7 @@ from mlssp_jax.fileio import safe_name_problem
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("subject_id", "image", "mask", "label")
+COLUMNS = ("subject_id", "image", "mask", "label")  # the header; synth and physionet write it
 CLASS_NAMES = {0: "other", 1: "AVM"}
 
 
@@ -133,18 +133,6 @@ def check_folds(subjects: list[Subject], num_folds: int, where: str = "manifest"
             raise InputError(f"{where}: only {counts[label]} subjects with label {label} "
                              f"({name}); {num_folds}-fold cross-validation needs at least "
                              f"{num_folds} per class")
-
-
-def resolve_data(data_cfg) -> Path:
-    """The manifest to use: ``data_cfg.manifest``, or the built-in synthetic cohort's."""
-    if data_cfg.manifest:
-        path = Path(data_cfg.manifest).expanduser()
-        if not path.is_file():
-            raise InputError(f"{path}: no such manifest file")
-        return path
-    from mlssp_jax import synth  # the generator is only needed without --data
-
-    return synth.default_manifest(data_cfg)
 
 
 def main(argv=None) -> int:

@@ -21,17 +21,19 @@ from tqdm import tqdm
 from mlssp_jax import (
     checkpointing,
     cli,
-    cpu_env,
     inference,
+    metrics,
     models,
     nifti,
     preprocess,
-    train_lib,
+    rundir,
+    train_step,
     verify,
 )
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
 from mlssp_jax.fileio import inside, staged_outputs, write_json
+from mlssp_jax.ops import cpu_env
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +42,20 @@ DEFAULT_OVERLAP = 0.5
 DEFAULT_BATCH = 2
 
 
-def finished_folds(workdir: Path, num_folds: int) -> list[int]:
-    """Folds of the run with an ``eval.json`` (training and evaluation finished)."""
-    return [k for k in range(num_folds) if (workdir / f"fold_{k}" / "eval.json").is_file()]
-
-
 def load_ensemble(workdir: Path, fold: int | None = None
                   ) -> tuple[config_lib.Config, list[int], inference.PredictFn]:
     """The run's config, the folds used and one predict_fn averaging their best checkpoints."""
-    cfg = config_lib.load(workdir / "config.toml")
+    cfg = rundir.read_config(workdir)
     if not models.has_tasks(cfg.model.name)[0]:
         raise InputError(f"{workdir}: model '{cfg.model.name}' has no segmentation branch")
-    done = finished_folds(workdir, cfg.train.num_folds)
+    done = rundir.finished_folds(workdir, cfg.train.num_folds)
     if fold is not None:
         if fold not in done:
             raise InputError(f"--fold {fold}: fold not finished in {workdir} (finished: {done})")
         done = [fold]
     if not done:
         raise InputError(f"{workdir}: no finished fold (no fold_K/eval.json)")
-    apply = train_lib.make_predict_fn(cfg)
+    apply = train_step.make_predict_fn(cfg)
     fns = [_numpy_fn(apply, _restore(workdir, k)) for k in done]
     return cfg, done, inference.ensemble(fns)
 
@@ -70,7 +67,7 @@ def _restore(workdir: Path, fold: int):
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types on bad files
-        where = checkpointing.checkpoint_dir(workdir, fold)
+        where = rundir.checkpoint_dir(workdir, fold)
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise InputError(f"{where}: cannot restore the best checkpoint "
                          f"({type(err).__name__}: {first})") from None
@@ -110,12 +107,7 @@ def resample_to_input(prob: np.ndarray, prob_affine: np.ndarray, input_affine: n
     moved = ndimage.affine_transform(prob.astype(np.float32), index_map[:3, :3], index_map[:3, 3],
                                      output_shape=tuple(input_shape), order=1, mode="constant",
                                      cval=0.0)
-    return (moved >= threshold).astype(np.uint8)
-
-
-def voxel_volume_ml(affine: np.ndarray) -> float:
-    """Volume of one voxel of a grid with this affine, in mL (1 mL = 1000 mm^3)."""
-    return abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    return metrics.binarize(moved, threshold).astype(np.uint8)
 
 
 def predict_scan(image: nifti.Volume, predict_fn: inference.PredictFn, cfg: config_lib.Config,
@@ -131,9 +123,9 @@ def predict_scan(image: nifti.Volume, predict_fn: inference.PredictFn, cfg: conf
     avm_probability, centre = inference.classify(pre["image"], prob, predict_fn, window,
                                                  threshold, batch_size)
     mask = resample_to_input(prob, pre["affine"], image.affine, image.data.shape, threshold)
-    return {"mask": mask, "volume_ml": float(mask.sum()) * voxel_volume_ml(image.affine),
-            "avm_probability": avm_probability,
-            "label": None if avm_probability is None else int(avm_probability >= threshold),
+    label = None if avm_probability is None else int(metrics.binarize(avm_probability, threshold))
+    return {"mask": mask, "volume_ml": float(mask.sum()) * image.voxel_volume_ml,
+            "avm_probability": avm_probability, "label": label,
             "voi_centre_mm": (pre["affine"] @ np.append(centre, 1.0))[:3].round(1).tolist()}
 
 
@@ -218,5 +210,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cpu_env.maybe_reexec()  # glibc malloc tunables, read only at process start
+    cpu_env.prepare_process()  # glibc malloc tunables and XLA flags, read at process start
     raise SystemExit(cli.run_command(main))

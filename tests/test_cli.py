@@ -99,3 +99,17 @@ def test_worker_processes_log_through_this_process(capsys):
             ProcessPoolExecutor(1, mp_context=ctx, **logs) as pool:
         pool.submit(_log_in_worker, "from the worker").result()
     assert "WARNING from the worker" in capsys.readouterr().err
+
+
+def test_jax_backend_setup_is_quiet_unless_verbose(caplog):
+    """``Unable to initialize backend 'tpu'`` (INFO, every CPU run) is not shown by default."""
+    bridge = logging.getLogger("jax._src.xla_bridge")
+    try:
+        cli.setup_logging()
+        with caplog.at_level(logging.INFO):
+            bridge.info("Unable to initialize backend 'tpu'")
+        assert "backend 'tpu'" not in caplog.text
+        cli.setup_logging(verbose=True)
+        assert bridge.isEnabledFor(logging.DEBUG)
+    finally:
+        bridge.setLevel(logging.NOTSET)

@@ -86,12 +86,6 @@ def test_resampling_back_puts_a_ball_at_its_world_position():
     assert flat[dist < 9.0].all() and not flat[dist > 11.0].any()
 
 
-def test_voxel_volume_in_ml():
-    affine = np.diag([0.5, 0.5, 4.0, 1.0])
-    affine[:3, :3] = affine[:3, :3][[1, 0, 2]]  # axis order does not change the volume
-    assert predict.voxel_volume_ml(affine) == pytest.approx(1e-3)
-
-
 def test_toy_model_mask_is_on_the_input_grid_and_finds_the_lesion(toy_result):
     image, truth = phantom()
     mask = toy_result["mask"]
