@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlssp_jax import verify
+from mlssp_jax import scans, verify
 from mlssp_jax.cli import ArgumentParser, run_command, setup_logging
 from mlssp_jax.errors import InputError
 from mlssp_jax.fileio import safe_name_problem
@@ -63,14 +63,20 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
 
 
 def _file(path: Path, line: int, column: str, value: str, required: bool) -> Path | None:
-    """The absolute path of a file column (relative to the manifest's folder), checked."""
+    """The absolute path of a file column (relative to the manifest's folder), checked.
+
+    ``image`` may name a folder (a DICOM series, see :mod:`mlssp_jax.scans`)."""
     if not value:
         if required:
             raise InputError(f"{path}: line {line}: {column} is empty")
         return None
     resolved = Path(value).expanduser()
     resolved = resolved if resolved.is_absolute() else path.parent / resolved
-    if not resolved.is_file():
+    if column == "image" and resolved.is_dir():
+        if not scans.is_series_folder(resolved):
+            raise InputError(f"{path}: line {line}: image folder {resolved} holds no DICOM "
+                             "series (or holds NIfTI files: name the file)")
+    elif not resolved.is_file():
         raise InputError(f"{path}: line {line}: {column} file {resolved} does not exist")
     return resolved.resolve()
 

@@ -5,12 +5,16 @@
 sliding windows over the brain with the ensemble of the run's finished folds (or fold K),
 classified from the VOI centred on the largest predicted lesion, and its mask resampled
 back (trilinear probability, then threshold) to the scan's own grid and affine. Writes
-``O/<name>_mask.nii.gz`` (the scan's shape and affine) and ``O/<name>.json``.
+``O/<name>_mask.nii.gz`` (the scan's shape and affine) and ``O/<name>.json``, plus
+``O/<name>_overlay.png`` and ``O/predictions.csv`` (:mod:`mlssp_jax.scan_outputs`). A SCAN
+is a NIfTI file or a DICOM series folder; a DIR of NIfTI files means those files
+(:mod:`mlssp_jax.scans`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,17 +31,18 @@ from mlssp_jax import (
     nifti,
     preprocess,
     rundir,
+    scan_outputs,
+    scans,
     train_step,
     verify,
 )
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
-from mlssp_jax.fileio import inside, staged_outputs, write_json
+from mlssp_jax.fileio import staged_outputs
 from mlssp_jax.ops import cpu_env
 
 log = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DEFAULT_OVERLAP = 0.5
 DEFAULT_BATCH = 2
 
@@ -129,59 +134,19 @@ def predict_scan(image: nifti.Volume, predict_fn: inference.PredictFn, cfg: conf
             "voi_centre_mm": (pre["affine"] @ np.append(centre, 1.0))[:3].round(1).tolist()}
 
 
-def scan_paths(items: Sequence[Path]) -> list[Path]:
-    """The NIfTI files named, a directory standing for the NIfTI files in it (sorted)."""
-    paths = []
-    for item in items:
-        if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
-            if not found:
-                raise InputError(f"{item}: no .nii or .nii.gz file in the directory")
-            paths += found
-        elif not item.is_file():
-            raise InputError(f"{item}: no such file or directory")
-        elif not item.name.endswith(NIFTI_SUFFIXES):
-            raise InputError(f"{item}: not a NIfTI file (.nii or .nii.gz)")
-        else:
-            paths.append(item)
-    return paths
-
-
-def scan_name(path: Path) -> str:
-    """The file name without .nii / .nii.gz."""
-    return path.name.removesuffix(".gz").removesuffix(".nii")
-
-
-def check_names(paths: Sequence[Path]) -> None:
-    """InputError if two scans would write the same output files (same name)."""
-    seen: dict[str, Path] = {}
-    for path in paths:
-        name = scan_name(path)
-        if name in seen:
-            raise InputError(f"{path}: same output name '{name}' as {seen[name]}")
-        seen[name] = path
-
-
-def write_outputs(out: Path, path: Path, image: nifti.Volume, result: dict, info: dict) -> None:
-    """``out/<name>_mask.nii.gz`` (the input's grid) and ``out/<name>.json``, each atomically."""
-    name = scan_name(path)
-    nifti.save(inside(out, out / f"{name}_mask.nii.gz"), result["mask"], image.affine)
-    record = {"image": str(path), **{k: v for k, v in result.items() if k != "mask"},
-              "voxels": int(result["mask"].sum()), **info}
-    write_json(inside(out, out / f"{name}.json"), record)
-
-
 def _parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="python -m mlssp_jax.predict", description=__doc__)
     parser.add_argument("--workdir", required=True, type=Path, help="a trained run directory")
     parser.add_argument("--image", required=True, nargs="+", type=Path,
-                        help="NIfTI scans, or directories of them")
+                        help="NIfTI scans, folders of them, or DICOM series folders")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output directory")
     parser.add_argument("--fold", type=int, default=None, help="use this fold only")
     parser.add_argument("--tta", action="store_true", help="average over the 48 cube symmetries")
     parser.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP,
                         help="sliding-window overlap in [0, 1)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="windows per batch")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="also write O/<name>_seg.dcm (DICOM SEG) for DICOM series inputs")
     return parser
 
 
@@ -192,20 +157,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError(f"--overlap: must be in [0, 1), got {args.overlap}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
-    paths = scan_paths(args.image)
-    check_names(paths)
-    verify.check_scans(paths)  # every scan before any output
+    paths = scans.scan_paths(args.image)
+    verify.check_scans(paths)  # every scan's headers, then its voxels, before any output
     cfg, folds, predict_fn = load_ensemble(args.workdir, args.fold)
     info = {"model": cfg.model.name, "folds": folds, "threshold": cfg.train.threshold,
             "tta": args.tta, "overlap": args.overlap}
+    rows = []
     with staged_outputs(args.out) as stage:  # into --out only once every scan succeeded
         for path in tqdm(paths, desc="predict", unit="scan"):
-            image = nifti.load_image(path)
+            start = time.perf_counter()
+            image = scans.load_scan(path)
             result = predict_scan(image, predict_fn, cfg, args.overlap,
                                   args.batch_size, args.tta)
-            write_outputs(stage, path, image, result, info)
-            log.info("%s: %.2f mL, AVM probability %s", path.name, result["volume_ml"],
-                     result["avm_probability"])
+            row = scan_outputs.write_scan(stage, path, image, result, info, args.dicom_seg)
+            rows.append({**row, "seconds": round(time.perf_counter() - start, 2)})
+            log.info("%s: %.2f mL (ABC/2 %s mL), AVM probability %s", path.name,
+                     result["volume_ml"], row["abc2_ml"], result["avm_probability"])
+        scan_outputs.write_table(stage, rows)
     return 0
 
 

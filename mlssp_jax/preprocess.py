@@ -234,10 +234,15 @@ def preprocess_volume(image: nifti.Volume, mask: nifti.Volume | None,
 
 
 def _file_identity(path: Path | None) -> list[Any] | None:
+    """Path, size and mtime of a file; of each file in it for a folder (a DICOM series)."""
     if path is None:
         return None
-    stat = Path(path).stat()
-    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+    path = Path(path)
+    if path.is_dir():
+        return [str(path.resolve()), [_file_identity(p) for p in sorted(path.iterdir())
+                                      if p.is_file()]]
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def subject_cache_key(subject: manifest_lib.Subject, data_cfg: DataConfig) -> str:

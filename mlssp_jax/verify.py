@@ -21,7 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlssp_jax import nifti
+import numpy as np
+
+from mlssp_jax import dicom, nifti, scans
 from mlssp_jax.errors import InputError
 
 if TYPE_CHECKING:  # the manifest imports this module to check its subjects
@@ -30,11 +32,21 @@ if TYPE_CHECKING:  # the manifest imports this module to check its subjects
 log = logging.getLogger(__name__)
 
 
+def check_scan_header(path: Path) -> tuple[tuple[int, int, int], np.ndarray] | None:
+    """A scan's headers: a NIfTI file's (its shape and affine), or a DICOM series folder's
+    (every file's header; None: its grid is known only once the series is assembled)."""
+    if Path(path).is_dir():
+        dicom.check_series(path)
+        return None
+    return nifti.read_header(path)
+
+
 def check_subject_headers(subject: Subject) -> None:
     """One subject's image (and mask) headers; the mask's grid against the image's."""
-    shape, affine = nifti.read_header(subject.image)
-    if subject.mask is None:
+    grid = check_scan_header(subject.image)
+    if subject.mask is None or grid is None:  # a series' mask grid: checked with its voxels
         return
+    shape, affine = grid
     mask_shape, mask_affine = nifti.read_header(subject.mask)
     if mask_shape != shape:
         raise InputError(f"{subject.mask}: mask shape {mask_shape} does not match image "
@@ -54,17 +66,19 @@ def check_headers(subjects: Sequence[Subject]) -> None:
 
 def load_subject(subject: Subject) -> tuple[nifti.Volume, nifti.Volume | None]:
     """The subject's image (HU) and mask (None without one), every voxel checked."""
-    image = nifti.load_image(subject.image)
+    image = scans.load_scan(subject.image)
     mask = None if subject.mask is None else nifti.load_mask(subject.mask, like=image)
     return image, mask
 
 
 def check_scans(paths: Sequence[Path]) -> None:
-    """Every scan's header, then every scan's voxels (3-D, finite HU): before any output."""
+    """Every scan's header, then every scan's voxels (3-D, finite HU): before any output.
+
+    ``paths`` are NIfTI files or DICOM series folders (:func:`mlssp_jax.scans.scan_paths`)."""
     for path in paths:
-        nifti.read_header(path)
+        check_scan_header(path)
     for path in paths:
-        nifti.load_image(path)
+        scans.load_scan(path)
 
 
 def verify_dataset(subjects: Sequence[Subject], read_data: bool = True) -> None:

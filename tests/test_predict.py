@@ -20,6 +20,7 @@ from scipy import ndimage
 from mlssp_jax import config, manifest, nifti, predict
 from mlssp_jax.cli import run_command
 from mlssp_jax.errors import InputError
+from mlssp_jax.scans import scan_name
 
 LESION_CENTRE_MM = np.array([10.0, -5.0, 4.0])
 LESION_RADIUS_MM = 8.0
@@ -139,7 +140,7 @@ def test_command_writes_mask_and_json_on_the_inputs_grid(tiny_run, tiny_cohort, 
             str(tmp_path / "out"), "--batch-size", "16", "--overlap", "0"]
     assert run_command(predict.main, argv) == 0
     for scan in scans:
-        name = predict.scan_name(scan)
+        name = scan_name(scan)
         image = nifti.load_image(scan)
         mask = nifti.load_mask(tmp_path / "out" / f"{name}_mask.nii.gz", image,
                                require_lesion=False)
