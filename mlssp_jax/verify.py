@@ -19,17 +19,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from mlssp_jax import dicom, nifti, scans
 from mlssp_jax.errors import InputError
 
-if TYPE_CHECKING:  # the manifest imports this module to check its subjects
-    from mlssp_jax.manifest import Subject
-
 log = logging.getLogger(__name__)
+
+
+class Subject(Protocol):
+    """What a check needs of a manifest row (:class:`mlssp_jax.manifest.Subject`; the
+    manifest imports this module, not the other way round)."""
+
+    image: Path
+    mask: Path | None
 
 
 def check_scan_header(path: Path) -> tuple[tuple[int, int, int], np.ndarray] | None:
