@@ -216,7 +216,7 @@ def _damage(run: Path, kind: str) -> None:
                 path.write_bytes(path.read_bytes()[:100])
 
 
-BAD_RUNS = {"no config": "config.toml: no such config file",
+BAD_RUNS = {"no config": "config.toml: no such file",
             "no finished fold": "no finished fold",
             "damaged checkpoint": "cannot restore the best checkpoint"}
 
