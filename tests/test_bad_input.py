@@ -198,9 +198,10 @@ def value_for(default):
     if isinstance(default, bool):
         typed = st.booleans()
     elif isinstance(default, int):
-        typed = st.integers(-2, 2 * default + 2)
+        typed = st.integers(min(-2, 2 * default - 2), max(2, 2 * default + 2))
     elif isinstance(default, float):
-        typed = st.one_of(st.floats(-1.0, 2 * default + 1.0), st.sampled_from(
+        low, high = sorted((2 * default - 1.0, 2 * default + 1.0))
+        typed = st.one_of(st.floats(min(-1.0, low), max(1.0, high)), st.sampled_from(
             [default, 0.0, float("nan"), float("inf"), -float("inf")]))
     else:
         typed = st.sampled_from([default, "auto", "mlssp", "ynet", "xla", "float32", ""])
