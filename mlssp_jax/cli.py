@@ -39,6 +39,8 @@ class BarAwareHandler(logging.StreamHandler):
     """A stderr handler that prints each record above the running tqdm bars (``tqdm.write``)."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if getattr(self.stream, "closed", False):  # at interpreter exit, or a test's capture
+            return
         try:
             tqdm.write(self.format(record), file=self.stream)
         except Exception:  # noqa: BLE001 - logging's own contract: never raise from emit
