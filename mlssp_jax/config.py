@@ -8,6 +8,7 @@ Unknown keys, wrong types and out-of-range values raise :class:`~mlssp_jax.error
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -265,8 +266,12 @@ def _check(ok: bool, where: str, message: str) -> None:
 
 
 def validate(config: Config, where: str = "config") -> None:
-    """Raise :class:`InputError` for values out of range."""
+    """Raise :class:`InputError` for values out of range (and any NaN or infinite float)."""
     d, m, t, a = config.data, config.model, config.train, config.augment
+    infinite = [f"{section}.{key}" for section, values in to_dict(config).items()
+                for key, value in values.items()
+                if isinstance(value, float) and not math.isfinite(value)]
+    _check(not infinite, where, f"{', '.join(infinite)} must be finite")
     _check(m.name in MODEL_NAMES, where, f"model.name must be one of {', '.join(MODEL_NAMES)}")
     _check(m.conv_impl in CONV_IMPLS, where, f"model.conv_impl must be one of {CONV_IMPLS}")
     _check(m.dtype in DTYPES, where, f"model.dtype must be one of {DTYPES}")

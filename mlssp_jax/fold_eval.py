@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from mlssp_jax import calibration, input_pipeline, metrics, parallel, rundir
 from mlssp_jax import config as config_lib
-from mlssp_jax.fileio import atomic_path
+from mlssp_jax.fileio import atomic_path, inside
 from mlssp_jax.rundir import CLS_KEYS, SEG_KEYS
 from mlssp_jax.train_step import ApplyFn
 
@@ -135,7 +135,7 @@ def save_predictions(out_dir: Path, preds: list[dict], threshold: float) -> None
         if p["seg_prob"] is not None:
             arrays["pred"] = metrics.binarize(p["seg_prob"], threshold).astype(np.uint8)
             arrays["prob"] = p["seg_prob"].astype(np.float16)
-        with atomic_path(out_dir / f"{p['subject_id']}.npz") as tmp:
+        with atomic_path(inside(out_dir, out_dir / f"{p['subject_id']}.npz")) as tmp:
             np.savez_compressed(tmp, **arrays)
 
 

@@ -16,9 +16,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlssp_jax import nifti, scans
+from mlssp_jax import scans, verify
 from mlssp_jax.cli import ArgumentParser, run_command, setup_logging
 from mlssp_jax.errors import InputError
+from mlssp_jax.fileio import safe_name_problem
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def _label(path: Path, line: int, value: str, required: bool) -> int | None:
     if not value and not required:
         return None
     if value not in ("0", "1"):
-        raise InputError(f"{path}: line {line}: label must be 0 or 1, got '{value}'")
+        raise InputError(f"{path}: line {line}: label must be 0 or 1, got {value!r}")
     return int(value)
 
 
@@ -93,18 +94,20 @@ def read_manifest(path: str | Path, require_masks: bool = True, *,
     """Read and validate a manifest; the subjects in file order.
 
     Raises InputError (naming the manifest, line and problem) for a missing or unreadable
-    file, a bad header, no rows, a row with the wrong number of fields, an empty or
-    duplicate subject id, a label other than 0/1, an image (or required mask) file that
-    does not exist, and an image folder that holds no DICOM series. Relative paths are
-    relative to the manifest's folder. The scans themselves are checked by
-    :func:`check_subjects`.
+    file, a bad header, no rows, a row with the wrong number of fields, a duplicate subject
+    id or one that is not a safe file name (:func:`mlssp_jax.fileio.safe_name_problem`), a
+    label other than 0/1, and an image (or required mask) file that does not exist.
+    Relative paths are relative to the manifest's folder. The NIfTI files themselves are
+    checked by :func:`check_subjects`.
     """
     path = Path(path)
     subjects, seen = [], {}
     for line, row in _read_rows(path):
         sid = row["subject_id"]
-        if not sid:
-            raise InputError(f"{path}: line {line}: subject_id is empty")
+        problem = safe_name_problem(sid)
+        if problem:
+            raise InputError(f"{path}: line {line}: subject_id {sid!r} {problem} (it names "
+                             "output files)")
         if sid in seen:
             raise InputError(f"{path}: line {line}: duplicate subject_id '{sid}' "
                              f"(first on line {seen[sid]})")
@@ -118,11 +121,9 @@ def read_manifest(path: str | Path, require_masks: bool = True, *,
 
 
 def check_subjects(subjects: list[Subject]) -> None:
-    """Open every image and mask: raises InputError for the first bad file (nifti's checks)."""
-    for subject in subjects:
-        image = scans.load_scan(subject.image)
-        if subject.mask is not None:
-            nifti.load_mask(subject.mask, like=image)
+    """Every header, then every voxel (:func:`mlssp_jax.verify.verify_dataset`); raises
+    InputError for the first bad file."""
+    verify.verify_dataset(subjects)
 
 
 def check_folds(subjects: list[Subject], num_folds: int, where: str = "manifest") -> None:

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # Two grids agree when their affines match to this (mm, and relative for the matrix part).
 AFFINE_ATOL_MM = 1e-3
 AFFINE_RTOL = 1e-4
+# A head CT covers at most this along each voxel axis (mm): a header claiming more is damaged
+# or not a head scan, and would make a resampled grid too large to allocate.
+MAX_EXTENT_MM = 600.0
 GZIP_LEVEL = 1
 _NIFTI1_VOX_OFFSET = 352
 _READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error,
@@ -80,6 +83,11 @@ def _check_header(path: Path, img: nib.Nifti1Image) -> np.ndarray:
     if (spacing < 1e-6).any() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(f"{path}: bad header: voxel spacing {spacing.round(4).tolist()} mm "
                          "gives a singular affine")
+    extent = spacing * np.asarray((tuple(img.shape) + (1, 1, 1))[:3], dtype=np.float64)
+    if (extent > MAX_EXTENT_MM).any():
+        raise InputError(f"{path}: bad header: the scan would span {extent.round(0).tolist()} "
+                         f"mm (voxel spacing {spacing.round(4).tolist()} mm); a head CT spans "
+                         f"at most {MAX_EXTENT_MM:g} mm per axis")
     if int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0:
         log.warning("%s: header has no orientation (qform_code = sform_code = 0); "
                     "using the pixdim-only affine", path)
@@ -218,3 +226,23 @@ def save(path: str | Path, data: np.ndarray, affine: np.ndarray, *, slope: float
         raw = gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
     with atomic_path(path) as tmp:
         tmp.write_bytes(raw)
+
+
+def read_header(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The 3-D shape and ``(4, 4)`` affine of a NIfTI file, from its header (no voxels read).
+
+    Runs :func:`read_volume`'s header and shape checks; for an uncompressed ``.nii`` also that
+    the file holds every voxel the header announces (a truncated ``.nii.gz`` shows only when
+    its voxels are read).
+    """
+    path = Path(path)
+    img = _open(path)
+    affine = _check_header(path, img)
+    shape = _squeeze_to_3d(path, img.shape)
+    if not path.name.endswith(".gz"):
+        offset = int(getattr(img.dataobj, "offset", 0))  # where nibabel reads the voxels
+        needed = offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+        size = path.stat().st_size
+        if size < needed:
+            raise InputError(f"{path}: truncated: {size} bytes, the header needs {needed}")
+    return shape, affine

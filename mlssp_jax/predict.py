@@ -42,9 +42,11 @@ from mlssp_jax import (
     rundir,
     scan_outputs,
     scans,
+    verify,
 )
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
+from mlssp_jax.fileio import staged_outputs
 from mlssp_jax.ops import cpu_env
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,21 @@ def load_ensemble(workdir: Path, fold: int | None = None, tta: str = "none"
         done = [fold]
     if not done:
         raise InputError(f"{workdir}: no finished fold (no fold_K/eval.json)")
-    params = [checkpointing.restore_best_params(workdir, k)[0] for k in done]
+    params = [_restore(workdir, k) for k in done]
     return cfg, done, ensemble.make_ensemble(cfg.model, params, tta)
+
+
+def _restore(workdir: Path, fold: int):
+    """The fold's best parameters; InputError naming the checkpoint folder if it is damaged."""
+    try:
+        return checkpointing.restore_best_params(workdir, fold)[0]
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types on bad files
+        where = rundir.checkpoint_dir(workdir, fold)
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise InputError(f"{where}: cannot restore the best checkpoint "
+                         f"({type(err).__name__}: {first})") from None
 
 
 brain_box = inference.brain_box
@@ -181,30 +196,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.window is not None and (args.window < 16 or args.window % 16):
         raise InputError(f"--window: must be a positive multiple of 16, got {args.window}")
     paths = scans.scan_paths(args.image)
+    verify.check_scans(paths)  # every scan's headers, then its voxels, before any output
     use_compilation_cache()
     cfg, folds, model = load_ensemble(args.workdir, args.fold, args.tta)
     window = args.window or cfg.data.voi_size
     info = {"model": cfg.model.name, "folds": folds, "threshold": cfg.train.threshold,
             "tta": args.tta, "overlap": args.overlap, "window": window}
     rows = []
-    for path in tqdm(paths, desc="predict", unit="scan"):
-        start = time.perf_counter()
-        timings: dict = {}
-        clock = _Clock(timings)
-        image = scans.load_scan(path)
-        clock.lap("load")
-        result = predict_scan(image, model, cfg, args.overlap, args.batch_size, window,
-                              not args.no_gaussian, timings)
-        clock = _Clock(timings)
-        row = scan_outputs.write_scan(args.out, path, image, result, info, args.dicom_seg)
-        clock.lap("write")
-        rows.append({**row, "seconds": round(time.perf_counter() - start, 2)})
-        log.info("%s: %.2f mL (ABC/2 %s mL), AVM probability %s", path.name,
-                 result["volume_ml"], row["abc2_ml"], result["avm_probability"])
-        log.info("%s: wall s %s (CPU s %s)", path.name,
-                 " / ".join(f"{k} {v[0]:.2f}" for k, v in timings.items()),
-                 " / ".join(f"{v[1]:.2f}" for v in timings.values()))
-    scan_outputs.write_table(args.out, rows)
+    with staged_outputs(args.out) as stage:  # into --out only once every scan succeeded
+        for path in tqdm(paths, desc="predict", unit="scan"):
+            start = time.perf_counter()
+            timings: dict = {}
+            clock = _Clock(timings)
+            image = scans.load_scan(path)
+            clock.lap("load")
+            result = predict_scan(image, model, cfg, args.overlap, args.batch_size, window,
+                                  not args.no_gaussian, timings)
+            clock = _Clock(timings)
+            row = scan_outputs.write_scan(stage, path, image, result, info, args.dicom_seg)
+            clock.lap("write")
+            rows.append({**row, "seconds": round(time.perf_counter() - start, 2)})
+            log.info("%s: %.2f mL (ABC/2 %s mL), AVM probability %s", path.name,
+                     result["volume_ml"], row["abc2_ml"], result["avm_probability"])
+            log.info("%s: wall s %s (CPU s %s)", path.name,
+                     " / ".join(f"{k} {v[0]:.2f}" for k, v in timings.items()),
+                     " / ".join(f"{v[1]:.2f}" for v in timings.values()))
+        scan_outputs.write_table(stage, rows)
     return 0
 
 

@@ -36,15 +36,14 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mlssp_jax import cache, nifti, scans, skullstrip
+from mlssp_jax import cache, nifti, skullstrip, verify
 from mlssp_jax import config as config_lib
 from mlssp_jax import manifest as manifest_lib
-from mlssp_jax.cli import ArgumentParser, run_command, setup_logging
+from mlssp_jax.cli import ArgumentParser, run_command, setup_logging, worker_logging
 from mlssp_jax.config import DataConfig
 from mlssp_jax.errors import InputError
-from mlssp_jax.fileio import atomic_path, write_json
+from mlssp_jax.fileio import atomic_path, inside, staged_outputs, write_json
 
 log = logging.getLogger(__name__)
 
@@ -251,63 +250,81 @@ def _is_fresh(path: Path, key: str) -> bool:
 
 def _preprocess_subject(subject: manifest_lib.Subject, out_path: Path, data_cfg: DataConfig,
                         key: str) -> float:
-    """Preprocess one subject into ``out_path`` (atomically); returns its lesion kept fraction."""
-    image = scans.load_scan(subject.image)
-    mask = None if subject.mask is None else nifti.load_mask(subject.mask, like=image)
+    """Check every voxel of one subject, preprocess it into ``out_path`` (atomically); returns
+    its lesion kept fraction."""
+    image, mask = verify.load_subject(subject)
     result = preprocess_volume(image, mask, data_cfg)
     with atomic_path(out_path) as tmp:
         np.savez_compressed(tmp, cache_key=np.array(key), **result)
     return result["lesion_kept_fraction"]
 
 
-def _log_kept(subject_id: str, kept: float) -> None:
-    level = logging.WARNING if kept < KEPT_WARN_FRACTION else logging.INFO
-    log.log(level, "%s: skull stripping kept %.2f%% of the lesion", subject_id, 100 * kept)
+def _log_kept(kept: dict[str, float]) -> None:
+    """One line: the least of a lesion skull stripping kept, and whose (per subject: DEBUG)."""
+    for subject_id, fraction in kept.items():
+        log.debug("%s: skull stripping kept %.2f%% of the lesion", subject_id, 100 * fraction)
+    if not kept:
+        return
+    worst = min(kept, key=kept.__getitem__)
+    low = [sid for sid, fraction in kept.items() if fraction < KEPT_WARN_FRACTION]
+    log.log(logging.WARNING if low else logging.INFO,
+            "preprocess: skull stripping kept >= %.2f%% of every lesion (least: %s)%s",
+            100 * kept[worst], worst,
+            f"; {len(low)} below {100 * KEPT_WARN_FRACTION:g}%: {', '.join(low)}" if low else "")
 
 
 def preprocess_cohort(subjects: Sequence[manifest_lib.Subject], out_dir: str | Path,
                       data_cfg: DataConfig, workers: int = 1) -> dict[str, Path]:
     """Preprocess ``subjects`` into ``out_dir/<subject_id>.npz``, reusing fresh cached files.
 
+    Validates before writing: every subject's headers first (:func:`verify.check_headers`),
+    each subject's voxels by the worker that preprocesses it; this run's files go to a
+    staging folder and are moved into ``out_dir`` only once every subject succeeded
+    (:func:`fileio.staged_outputs`), so a failure leaves ``out_dir`` as it was.
     A file is reused only if its stored ``cache_key`` matches :func:`subject_cache_key`, so a
     changed parameter or input file is recomputed. Runs ``workers`` processes (spawned; 1 =
     in this process) with a progress bar. Writes ``out_dir/preprocess.json`` (params and each
     subject's ``lesion_kept_fraction``). Returns ``{subject_id: npz path}`` in input order.
     """
     out_dir = Path(out_dir)
-    paths = {s.subject_id: out_dir / f"{s.subject_id}.npz" for s in subjects}
+    verify.check_headers(subjects)
+    paths = {s.subject_id: inside(out_dir, out_dir / f"{s.subject_id}.npz") for s in subjects}
     keys = {s.subject_id: subject_cache_key(s, data_cfg) for s in subjects}
     todo = [s for s in subjects if not _is_fresh(paths[s.subject_id], keys[s.subject_id])]
     log.info("preprocess: %d of %d subjects cached in %s", len(subjects) - len(todo),
              len(subjects), out_dir)
-    with logging_redirect_tqdm():
-        for subject_id, kept in _run(todo, paths, keys, data_cfg, workers):
-            _log_kept(subject_id, kept)
-    kept_all = {sid: _stored_kept(path) for sid, path in paths.items()}
-    write_json(out_dir / "preprocess.json",
-               {"params": preprocessing_params(data_cfg), "lesion_kept_fraction": kept_all})
-    if kept_all:
-        log.info("preprocess: min lesion kept fraction %.4f", min(kept_all.values()))
+    with staged_outputs(out_dir) as stage:
+        staged = {sid: stage / path.name for sid, path in paths.items()}
+        kept = dict(_run(todo, staged, keys, data_cfg, workers))
+        kept_all = {sid: kept[sid] if sid in kept else _stored_kept(path)
+                    for sid, path in paths.items()}
+        write_json(stage / "preprocess.json",
+                   {"params": preprocessing_params(data_cfg), "lesion_kept_fraction": kept_all})
+    _log_kept(kept_all)
     return paths
 
 
 def _run(todo: list[manifest_lib.Subject], paths: dict[str, Path], keys: dict[str, str],
          data_cfg: DataConfig, workers: int):
     """Yield ``(subject_id, kept_fraction)`` as subjects finish (process pool if workers > 1)."""
-    bar = tqdm(total=len(todo), desc="preprocess", unit="scan", disable=not todo)
-    if workers <= 1 or len(todo) <= 1:
-        for s in todo:
-            sid = s.subject_id
-            yield sid, _preprocess_subject(s, paths[sid], data_cfg, keys[sid])
-            bar.update()
-    else:
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_preprocess_subject, s, paths[s.subject_id], data_cfg,
-                                   keys[s.subject_id]): s.subject_id for s in todo}
-            for future in as_completed(futures):
-                yield futures[future], future.result()
+    with tqdm(total=len(todo), desc="preprocess", unit="scan", disable=not todo) as bar:
+        if workers <= 1 or len(todo) <= 1:
+            for s in todo:
+                sid = s.subject_id
+                yield sid, _preprocess_subject(s, paths[sid], data_cfg, keys[sid])
                 bar.update()
-    bar.close()
+            return
+        ctx = get_context("spawn")
+        with worker_logging(ctx) as logs:
+            pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, **logs)
+            try:
+                futures = {pool.submit(_preprocess_subject, s, paths[s.subject_id], data_cfg,
+                                       keys[s.subject_id]): s.subject_id for s in todo}
+                for future in as_completed(futures):
+                    yield futures[future], future.result()
+                    bar.update()
+            finally:  # after a failure, do not start the subjects still queued
+                pool.shutdown(cancel_futures=True)
 
 
 def _stored_kept(path: Path) -> float:

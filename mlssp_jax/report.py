@@ -69,11 +69,22 @@ def render_markdown(runs: Sequence[Run], by_model: dict[str, Run], alpha, figure
     return "\n".join(lines)
 
 
-def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
-    """Write ``out/report.md`` and its figures (atomically, as one directory)."""
+def check_out(run_dirs: Sequence[Path], out: Path) -> None:
+    """Refuse an ``out`` the report would destroy: it replaces ``out`` as a whole, so ``out``
+    must be new or an earlier report, and hold none of the runs."""
     for workdir in run_dirs:
         if not workdir.is_dir():
             raise InputError(f"{workdir}: no such run directory")
+        if out.resolve() in (workdir.resolve(), *workdir.resolve().parents):
+            raise InputError(f"--out {out}: holds the run {workdir}; choose another folder")
+    if out.exists() and any(out.iterdir()) and not (out / "report.md").is_file():
+        raise InputError(f"--out {out}: exists and is not a report folder (no report.md); "
+                         "the report replaces it as a whole")
+
+
+def write_report(run_dirs: Sequence[Path], out: Path) -> Path:
+    """Write ``out/report.md`` and its figures (atomically, as one directory)."""
+    check_out(run_dirs, out)
     runs = [load_run(Path(w)) for w in run_dirs]
     alpha = best_alpha(runs)
     by_model = runs_by_model(runs, alpha)

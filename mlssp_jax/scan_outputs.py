@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 
 from mlssp_jax import measurements, nifti, overlay, scans
-from mlssp_jax.fileio import write_json, write_text
+from mlssp_jax.fileio import inside, write_json, write_text
 
 TABLE_COLUMNS = ("name", "image", "volume_ml", "abc2_ml", "avm_probability", "label", "folds",
                  "seconds")
@@ -29,6 +29,7 @@ def write_scan(out: Path, path: Path, image: nifti.Volume, result: dict, info: d
     name = scans.scan_name(path)
     abc = measurements.abc2(result["mask"], image.affine)
     abc2_ml = None if abc is None else round(abc.volume_ml, 4)
+    inside(out, out / f"{name}_mask.nii.gz")  # the name comes from the scan's path
     nifti.save(out / f"{name}_mask.nii.gz", result["mask"], image.affine)
     record = {"image": str(path), **{k: v for k, v in result.items() if k != "mask"},
               "abc2_ml": abc2_ml, "voxels": int(result["mask"].sum()), **info}

@@ -182,14 +182,14 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
     rundir.check_config(config, workdir)  # cheap checks first: before the cohort is made
     conv_ops.resolve_impl(config.model.conv_impl)  # an impl that cannot run here: fail now
     data = load_fold_data(config, workdir, fold)  # validates the data before writing anything
-    if parallel.is_main_process():
-        rundir.write_config(config, workdir)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.train.batch_size, mesh)
     steps = input_pipeline.steps_per_epoch(len(data["train"]), config.train.batch_size)
     if steps < 1:
         raise InputError(f"train.batch_size: {config.train.batch_size} is more than the "
                          f"{len(data['train'])} training subjects of fold {fold}")
+    if parallel.is_main_process():
+        rundir.write_config(config, workdir)
     state = create_train_state(config, jax.random.key(config.train.seed), mesh, steps)
     manager = checkpointing.open_manager(rundir.checkpoint_dir(workdir, fold))
     try:

@@ -1,8 +1,14 @@
 """CLI plumbing: bad input is one 'error:' line and exit code 2."""
 
+import errno
 import logging
+import multiprocessing
+import re
+import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
+from tqdm import tqdm
 
 from mlssp_jax import cli
 from mlssp_jax.errors import InputError
@@ -41,6 +47,58 @@ def test_absl_logs_only_warnings_unless_verbose():
         assert absl.isEnabledFor(logging.DEBUG)
     finally:
         absl.setLevel(logging.NOTSET)
+
+
+def test_error_line_starts_a_line_below_a_running_bar(capsys):
+    def main(argv):
+        bar = tqdm(total=4, desc="preprocess", file=sys.stderr)
+        bar.update()
+        raise InputError("scan.nii: expected a 3-D image")
+
+    assert cli.run_command(main, []) == 2
+    lines = capsys.readouterr().err.split("\n")
+    assert "error: scan.nii: expected a 3-D image" in lines
+    assert not tqdm._instances  # the bar was closed first
+
+
+def test_an_error_message_stays_one_line(capsys):
+    def main(argv):
+        raise InputError("line 2: subject_id 'a\nb'")
+
+    assert cli.run_command(main, []) == 2
+    assert capsys.readouterr().err == "error: line 2: subject_id 'a\\nb'\n"
+
+
+def test_a_failed_write_is_one_error_line_exit_1(capsys):
+    def main(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "out/a.npz")
+
+    assert cli.run_command(main, []) == 1
+    assert capsys.readouterr().err == "error: out/a.npz: No space left on device\n"
+
+
+def test_log_lines_print_above_a_running_bar(capsys):
+    cli.setup_logging()
+    with tqdm(total=2, desc="loop", file=sys.stderr) as bar:
+        bar.update()
+        logging.getLogger("mlssp_jax.test").info("subject done")
+    err = capsys.readouterr().err
+    # tqdm.write clears the bar's line (blanks, then \r) before the record, which ends its
+    # line; the bar is redrawn below it
+    assert re.search(r" \r\d\d:\d\d:\d\d INFO subject done\n\rloop:  50%", err), err
+
+
+def _log_in_worker(message: str) -> None:
+    logging.getLogger("mlssp_jax.worker").warning(message)
+
+
+def test_worker_processes_log_through_this_process(capsys):
+    cli.setup_logging()
+    ctx = multiprocessing.get_context("spawn")
+    with cli.worker_logging(ctx) as logs, \
+            ProcessPoolExecutor(1, mp_context=ctx, **logs) as pool:
+        pool.submit(_log_in_worker, "from the worker").result()
+    assert "WARNING from the worker" in capsys.readouterr().err
 
 
 def test_jax_backend_setup_is_quiet_unless_verbose(caplog):

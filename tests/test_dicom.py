@@ -248,6 +248,7 @@ def test_preprocessing_a_series_gives_what_its_nifti_gives(series_and_nifti, tmp
                                                                            None, 1)]
     paths = preprocess.preprocess_cohort(subjects, tmp_path, config.Config().data)
     with np.load(paths["nifti"]) as a, np.load(paths["dicom"]) as b:
-        np.testing.assert_array_equal(b["brain"], a["brain"])
+        # positions stored to 1e-6 mm can flip a voxel that sits exactly on a threshold
+        assert np.mean(b["brain"] != a["brain"]) <= 1e-5
         np.testing.assert_allclose(b["affine"], a["affine"], atol=1e-5)  # positions: 1e-6 mm
         np.testing.assert_allclose(b["image"], a["image"], atol=1e-4)

@@ -8,8 +8,10 @@ end on the checkpoints of the session's tiny training run (conftest.py ``tiny_ru
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from helpers import write_fake_run
@@ -166,3 +168,79 @@ def test_command_refuses_an_unfinished_fold(tiny_run, tiny_cohort, tmp_path, cap
             "--out", str(tmp_path / "o")]
     assert run_command(predict.main, argv) == 2
     assert "--fold 3" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def _bad_scan(kind: str, good: Path, folder: Path) -> Path:
+    """A damaged copy of the scan ``good`` (a .nii.gz) of the given kind."""
+    img = nib.load(str(good))
+    data = np.asarray(img.get_fdata(), dtype=np.float32)
+    path = folder / f"{kind}.nii.gz"
+    if kind == "truncated":
+        path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif kind == "text":
+        path = folder / "text.nii"
+        path.write_text("not a scan\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind in ("4d", "2d", "nan"):
+        data = {"4d": np.stack([data, data], -1), "2d": data[:, :, 0], "nan": data}[kind]
+        if kind == "nan":
+            data[1, 1, 1] = np.nan
+        nib.save(nib.Nifti1Image(data, img.affine), str(path))
+    else:  # singular: sform with a zero row, no qform
+        path = folder / "singular.nii"
+        nib.save(nib.Nifti1Image(data, img.affine), str(path))
+        raw = bytearray(path.read_bytes())
+        raw[252:256] = np.array([0, 1], np.int16).tobytes()  # qform_code, sform_code
+        raw[312:328] = bytes(16)  # srow_z
+        path.write_bytes(bytes(raw))
+    return path
+
+
+BAD_SCANS = {"truncated": "cannot read the voxel data", "text": "not a readable NIfTI",
+             "empty": "not a readable NIfTI", "4d": "expected a 3-D image",
+             "2d": "expected a 3-D image", "nan": "NaN", "singular": "singular affine"}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_SCANS))
+def test_a_bad_scan_is_one_error_and_no_output(kind, tiny_run, tiny_cohort, tmp_path, capsys):
+    good = manifest.read_manifest(tiny_cohort)[0].image
+    bad = _bad_scan(kind, good, tmp_path)
+    argv = ["--workdir", str(tiny_run), "--image", str(good), str(bad), "--out",
+            str(tmp_path / "out")]
+    assert run_command(predict.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ") and err.count("\n") == 1, err
+    assert BAD_SCANS[kind] in err and not (tmp_path / "out").exists()
+
+
+def _damage(run: Path, kind: str) -> None:
+    if kind == "no config":
+        (run / "config.toml").unlink()
+    elif kind == "no finished fold":
+        for path in run.glob("fold_*/eval.json"):
+            path.unlink()
+    else:  # damaged checkpoint: every large file of fold 0's checkpoints cut short
+        for path in (run / "fold_0" / "checkpoints").rglob("*"):
+            if path.is_file() and path.stat().st_size > 1000:
+                path.write_bytes(path.read_bytes()[:100])
+
+
+BAD_RUNS = {"no config": "config.toml: no such file",
+            "no finished fold": "no finished fold",
+            "damaged checkpoint": "cannot restore the best checkpoint"}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RUNS))
+def test_a_bad_workdir_is_one_error_and_no_output(kind, tiny_run, tiny_cohort, tmp_path,
+                                                  capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    _damage(run, kind)
+    scan = manifest.read_manifest(tiny_cohort)[0].image
+    argv = ["--workdir", str(run), "--image", str(scan), "--out", str(tmp_path / "out")]
+    assert run_command(predict.main, argv) == 2
+    err = capsys.readouterr().err  # orbax may log warnings first
+    errors = [line for line in err.split("\n") if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {run}"), err
+    assert BAD_RUNS[kind] in errors[0] and not (tmp_path / "out").exists()

@@ -153,3 +153,16 @@ def test_experiment_caches_compiled_programs_in_its_directory(tmp_path, monkeypa
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
     experiment.use_compilation_cache(tmp_path / "other")
     assert len(updates) == 1
+
+
+def test_an_out_that_would_destroy_a_run_or_a_folder_is_refused(tmp_path, capsys):
+    write_fake_run(tmp_path / "runs" / "cnn", model="cnn", alpha=0.4)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep")
+    before = sorted(tmp_path.rglob("*"))
+    for out, why in ((tmp_path / "runs" / "cnn", "holds the run"),
+                     (tmp_path / "runs", "holds the run"),
+                     (tmp_path / "notes", "not a report folder")):
+        assert run_command(report.main, [str(tmp_path / "runs" / "cnn"), "--out", str(out)]) == 2
+        assert why in capsys.readouterr().err
+    assert sorted(tmp_path.rglob("*")) == before
