@@ -251,4 +251,5 @@ def test_preprocessing_a_series_gives_what_its_nifti_gives(series_and_nifti, tmp
         # positions stored to 1e-6 mm can flip a voxel that sits exactly on a threshold
         assert np.mean(b["brain"] != a["brain"]) <= 1e-5
         np.testing.assert_allclose(b["affine"], a["affine"], atol=1e-5)  # positions: 1e-6 mm
-        np.testing.assert_allclose(b["image"], a["image"], atol=1e-4)
+        both = (a["brain"] > 0) & (b["brain"] > 0)
+        np.testing.assert_allclose(b["image"][both], a["image"][both], atol=1e-4)
