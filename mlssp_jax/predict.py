@@ -25,8 +25,10 @@ from mlssp_jax import (
     inference,
     models,
     nifti,
+    postprocess,
     preprocess,
     train_lib,
+    wholescan,
 )
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
@@ -70,20 +72,6 @@ def _numpy_fn(apply, params) -> inference.PredictFn:
     return predict
 
 
-def brain_box(brain: np.ndarray, window: int) -> tuple[slice, ...]:
-    """Slices of the brain's bounding box, grown to at least ``window`` voxels per axis."""
-    if not brain.any():
-        return tuple(slice(0, s) for s in brain.shape)
-    box = []
-    for axis, size in enumerate(brain.shape):
-        hits = np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo, hi = int(hits[0]), int(hits[-1]) + 1
-        grow = max(0, window - (hi - lo))
-        lo = max(0, lo - grow // 2)
-        box.append(slice(lo, min(size, max(hi, lo + window))))
-    return tuple(box)
-
-
 def resample_to_input(prob: np.ndarray, prob_affine: np.ndarray, input_affine: np.ndarray,
                       input_shape: Sequence[int], threshold: float) -> np.ndarray:
     """Binary mask (uint8) on the input's grid from a probability volume on the model's grid.
@@ -106,14 +94,16 @@ def voxel_volume_ml(affine: np.ndarray) -> float:
 
 def predict_scan(image: nifti.Volume, predict_fn: inference.PredictFn, cfg: config_lib.Config,
                  overlap: float = DEFAULT_OVERLAP, batch_size: int = DEFAULT_BATCH,
-                 tta: bool = False) -> dict:
-    """Mask (uint8, the input's shape), ``volume_ml`` and ``avm_probability`` of one scan."""
+                 tta: bool = False, rule: dict | None = None) -> dict:
+    """Mask (uint8, the input's shape), ``volume_ml`` and ``avm_probability`` of one scan,
+    after the post-processing ``rule`` (:mod:`mlssp_jax.postprocess`; None: brain only)."""
     pre = preprocess.preprocess_volume(image, None, cfg.data)
     window, threshold = cfg.data.voi_size, cfg.train.threshold
-    box = brain_box(pre["brain"], window)
-    prob = np.zeros(pre["image"].shape, np.float32)
-    prob[box] = inference.sliding_window_predict(pre["image"][box], predict_fn, window, overlap,
-                                                 batch_size, tta, progress=True)
+    prob = wholescan.segment(pre["image"], pre["brain"], predict_fn, window, overlap,
+                             batch_size, tta, progress=True)
+    kept = postprocess.apply(prob > threshold, pre["brain"], rule or postprocess.NONE,
+                             wholescan.voxel_ml(cfg.data.spacing_mm))
+    prob = np.where((prob > threshold) & ~kept, 0.0, prob)  # removed components: background
     avm_probability, centre = inference.classify(pre["image"], prob, predict_fn, window,
                                                  threshold, batch_size)
     mask = resample_to_input(prob, pre["affine"], image.affine, image.data.shape, threshold)
@@ -178,12 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
     paths = scan_paths(args.image)
     cfg, folds, predict_fn = load_ensemble(args.workdir, args.fold)
+    rule = postprocess.ensemble_rule(args.workdir, folds)
     info = {"model": cfg.model.name, "folds": folds, "threshold": cfg.train.threshold,
-            "tta": args.tta, "overlap": args.overlap}
+            "tta": args.tta, "overlap": args.overlap, "postprocessing": rule}
     for path in tqdm(paths, desc="predict", unit="scan"):
         image = nifti.load_image(path)
         result = predict_scan(image, predict_fn, cfg, args.overlap,
-                              args.batch_size, args.tta)
+                              args.batch_size, args.tta, rule)
         write_outputs(args.out, path, image, result, info)
         log.info("%s: %.2f mL, AVM probability %s", path.name, result["volume_ml"],
                  result["avm_probability"])

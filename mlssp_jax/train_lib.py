@@ -4,9 +4,12 @@ Arrays are channels-last: images and masks ``(B, S, S, S, 1)``, labels ``(B,)``.
 train step runs data-parallel over every device of every host (:mod:`mlssp_jax.parallel`).
 The learning rate is Adam's, decayed by ``train.lr_decay_per_epoch`` after every epoch.
 
-Model selection: after every epoch the model predicts the inner-validation VOIs and its
+Model selection: after every epoch the model predicts the inner-validation subjects (their
+VOIs for ``data.sampling = "lesion"``, their whole scans for ``"whole_volume"``) and its
 :func:`selection_score` (mean over the model's tasks of DSC and AUC) picks the best
-checkpoint, which is evaluated on the held-out fold at the end.
+checkpoint. At the end the post-processing is chosen on the inner-validation whole scans
+(:mod:`mlssp_jax.postprocess`) and the best checkpoint is evaluated on the held-out fold
+by both protocols (the paper's VOI and the whole scan, :mod:`mlssp_jax.wholescan`).
 """
 
 from __future__ import annotations
@@ -37,8 +40,11 @@ from mlssp_jax import (
     metrics,
     models,
     parallel,
+    patches,
+    postprocess,
     preprocess,
     splits,
+    wholescan,
 )
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
@@ -252,10 +258,41 @@ def selection_score(seg: dict | None, cls: dict | None) -> float:
     return float(np.mean(parts))
 
 
+def numpy_predict_fn(predict_fn: PredictFn, params: Any, mesh: Mesh) -> Callable:
+    """``images (B, S, S, S, 1) -> {"seg_prob", "cls_prob"}`` as numpy (None: no such task),
+    ``params`` bound, for :mod:`mlssp_jax.inference`'s sliding windows."""
+    def predict(images: np.ndarray) -> dict:
+        sharded = parallel.shard_batch({"image": _host_rows({"image": images}, "image")}, mesh)
+        out = jax.device_get(predict_fn(params, sharded["image"]))
+        return {k: None if v is None else np.asarray(v) for k, v in out.items()}
+    return predict
+
+
+def _segments_whole_scans(config: config_lib.Config, volumes: list[dict] | None) -> bool:
+    return bool(volumes) and models.has_tasks(config.model.name)[0]
+
+
+def whole_scan_validate(predict_fn: PredictFn, params: Any, volumes: list[dict],
+                        config: config_lib.Config, mesh: Mesh) -> dict:
+    """Inner validation on whole scans (sliding windows with ``train.val_overlap``, the best
+    post-processing rule): ``val_dsc``, ``val_false_positive_ml``, ``val_postprocessing``,
+    ``val_auc``, ``val_accuracy`` and ``val_score``."""
+    run = wholescan.run(volumes, numpy_predict_fn(predict_fn, params, mesh), config,
+                        config.train.val_overlap)
+    seg = run["segmentation"]
+    cls = classification_result(run["classification_rows"], config.train.threshold)
+    return {"val_dsc": seg["dsc"], "val_false_positive_ml": seg["false_positive_ml"],
+            "val_postprocessing": run["rule"], "val_auc": cls and cls["auc"],
+            "val_accuracy": cls and cls["accuracy"], "val_score": selection_score(seg, cls)}
+
+
 def validate(predict_fn: PredictFn, params: Any, examples: list[dict], config: config_lib.Config,
-             mesh: Mesh) -> dict:
+             mesh: Mesh, volumes: list[dict] | None = None) -> dict:
     """Inner-validation ``val_dsc``, ``val_auc``, ``val_accuracy`` (None: no such task) and
-    ``val_score`` (:func:`selection_score`)."""
+    ``val_score`` (:func:`selection_score`): on the whole scans ``volumes`` for
+    ``data.sampling = "whole_volume"`` (:func:`whole_scan_validate`), else on the VOIs."""
+    if config.data.sampling == "whole_volume" and _segments_whole_scans(config, volumes):
+        return whole_scan_validate(predict_fn, params, volumes, config, mesh)
     preds = predict_examples(predict_fn, params, examples, config.train.batch_size, mesh)
     seg = segmentation_result(preds, config.train.threshold)
     cls = classification_result(preds, config.train.threshold)
@@ -272,7 +309,8 @@ def train_epoch(train_step: Callable, state: TrainState, examples: list[dict],
     batches = input_pipeline.train_batches(
         examples, config, config.train.seed, epoch,
         process_index=jax.process_index(), process_count=jax.process_count())
-    steps = input_pipeline.steps_per_epoch(len(examples), config.train.batch_size)
+    steps = input_pipeline.steps_per_epoch(len(examples) * config.train.patches_per_subject,
+                                           config.train.batch_size)
     sums: dict[str, float] = {}
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="step", leave=False,
                disable=not parallel.is_main_process())
@@ -293,7 +331,9 @@ def train_epoch(train_step: Callable, state: TrainState, examples: list[dict],
 
 
 def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[str, list[dict]]:
-    """The fold's ``train``/``val``/``test`` VOI examples (split saved in ``W/splits.json``)."""
+    """The fold's ``train``/``val``/``test`` VOI examples (split saved in ``W/splits.json``) and
+    ``val_volumes``/``test_volumes`` (:func:`patches.load_volumes`, for the whole-scan
+    protocol); ``train`` holds whole volumes too for ``data.sampling = "whole_volume"``."""
     manifest_path = manifest.resolve_data(config.data)
     subjects = manifest.read_manifest(manifest_path, require_masks=True)
     manifest.check_folds(subjects, config.train.num_folds, where=str(manifest_path))
@@ -310,10 +350,16 @@ def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[
     label_of = dict(zip(ids, labels, strict=True))
     margins = {"train": config.augment.voi_jitter_mm, "val": 0, "test": 0}
     background = config.augment.background_fraction > 0  # whole training volumes needed
-    return {part: input_pipeline.load_examples(paths, ids_, label_of, config.data.voi_size,
+    whole = config.data.sampling == "whole_volume"
+    data = {part: input_pipeline.load_examples(paths, ids_, label_of, config.data.voi_size,
                                                margin=margins[part],
                                                whole_volumes=background and part == "train")
-            for part, ids_ in split.items()}
+            for part, ids_ in split.items() if not (whole and part == "train")}
+    if whole:
+        data["train"] = patches.load_volumes(paths, split["train"], label_of)
+    data["val_volumes"] = patches.load_volumes(paths, split["val"], label_of)
+    data["test_volumes"] = patches.load_volumes(paths, split["test"], label_of)
+    return data
 
 
 def write_run_config(config: config_lib.Config, workdir: Path) -> None:
@@ -403,15 +449,48 @@ def save_predictions(out_dir: Path, preds: list[dict], threshold: float) -> None
             np.savez_compressed(tmp, **arrays)
 
 
+def choose_postprocessing(config: config_lib.Config, predict_fn: PredictFn, params: Any,
+                          volumes: list[dict], fold_dir: Path, mesh: Mesh) -> dict:
+    """The post-processing rule of best whole-scan DSC on the inner-validation ``volumes``
+    (``none`` without them or a segmentation), saved as ``fold_dir/postprocessing.json``."""
+    if not _segments_whole_scans(config, volumes):
+        return dict(postprocess.NONE)
+    run = wholescan.run(volumes, numpy_predict_fn(predict_fn, params, mesh), config,
+                        wholescan.EVAL_OVERLAP)
+    if parallel.is_main_process():
+        postprocess.save(fold_dir, run["rule"], run["scored"])
+    log.info("post-processing chosen on %d inner-validation scans: %s (%s)", len(volumes),
+             run["rule"], ", ".join(f"{s['rule']['name']}{s['rule'].get('min_ml', '')}: "
+                                    f"{s['score']:.3f}" for s in run["scored"]))
+    return run["rule"]
+
+
+def whole_scan_result(config: config_lib.Config, predict_fn: PredictFn, params: Any,
+                      volumes: list[dict] | None, rule: dict, mesh: Mesh) -> dict | None:
+    """eval.json's ``whole_scan`` block (SPEC.md) on ``volumes`` with post-processing ``rule``;
+    None for a model without segmentation."""
+    if not _segments_whole_scans(config, volumes):
+        return None
+    run = wholescan.run(volumes, numpy_predict_fn(predict_fn, params, mesh), config,
+                        wholescan.EVAL_OVERLAP, rule)
+    return {"segmentation": run["segmentation"],
+            "classification": classification_result(run["classification_rows"],
+                                                    config.train.threshold)}
+
+
 def evaluate_fold(config: config_lib.Config, predict_fn: PredictFn, params: Any,
-                  examples: list[dict], fold: int, fold_dir: Path, mesh: Mesh) -> dict:
-    """Predict the held-out VOIs with ``predict_fn`` (the one compiled for validation, from
-    :func:`make_predict_fn`); write ``eval.json`` (SPEC.md) and ``predictions/``."""
+                  examples: list[dict], fold: int, fold_dir: Path, mesh: Mesh,
+                  volumes: list[dict] | None = None, rule: dict | None = None) -> dict:
+    """Predict the held-out VOIs and whole scans ``volumes`` (post-processing ``rule``) with
+    ``predict_fn`` (the one compiled for validation, from :func:`make_predict_fn`); write
+    ``eval.json`` (SPEC.md) and ``predictions/``."""
     preds = predict_examples(predict_fn, params, examples, config.train.batch_size, mesh)
     threshold = config.train.threshold
     result = {"fold": fold, "alpha": config.train.alpha, "model": config.model.name,
               "segmentation": segmentation_result(preds, threshold),
-              "classification": classification_result(preds, threshold)}
+              "classification": classification_result(preds, threshold),
+              "whole_scan": whole_scan_result(config, predict_fn, params, volumes,
+                                              rule or dict(postprocess.NONE), mesh)}
     if parallel.is_main_process():
         save_predictions(fold_dir / "predictions", preds, threshold)
         write_json(fold_dir / "eval.json", result)
@@ -420,8 +499,12 @@ def evaluate_fold(config: config_lib.Config, predict_fn: PredictFn, params: Any,
 
 def _summary(result: dict) -> str:
     seg, cls = result["segmentation"], result["classification"]
-    return (f"held-out DSC {_fmt(seg and seg['dsc'])}, AUC {_fmt(cls and cls['auc'])}, "
-            f"accuracy {_fmt(cls and cls['accuracy'])}")
+    whole = result.get("whole_scan") or {}
+    wseg, wcls = whole.get("segmentation"), whole.get("classification")
+    return (f"held-out VOI DSC {_fmt(seg and seg['dsc'])}, AUC {_fmt(cls and cls['auc'])}, "
+            f"accuracy {_fmt(cls and cls['accuracy'])} | whole scan DSC "
+            f"{_fmt(wseg and wseg['dsc'])}, false positive "
+            f"{_fmt(wseg and wseg['false_positive_ml'])} mL, AUC {_fmt(wcls and wcls['auc'])}")
 
 
 def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int,
@@ -438,7 +521,8 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
     write_run_config(config, workdir)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.train.batch_size, mesh)
-    steps = input_pipeline.steps_per_epoch(len(data["train"]), config.train.batch_size)
+    steps = input_pipeline.steps_per_epoch(
+        len(data["train"]) * config.train.patches_per_subject, config.train.batch_size)
     if steps < 1:
         raise InputError(f"train.batch_size: {config.train.batch_size} is more than the "
                          f"{len(data['train'])} training subjects of fold {fold}")
@@ -451,7 +535,8 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
             began = time.perf_counter()
             state, train_metrics = train_epoch(train_step, state, data["train"], config, epoch,
                                                mesh)
-            val = validate(predict_fn, state.params, data["val"], config, mesh)
+            val = validate(predict_fn, state.params, data["val"], config, mesh,
+                           data["val_volumes"])
             record = epoch_record(epoch, state, train_metrics, val, time.perf_counter() - began)
             append_metrics(fold_dir, record)
             checkpointing.save(manager, epoch + 1, state, {"record": record}, val["val_score"])
@@ -464,6 +549,8 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
         manager.close()
     log.info("fold %d: evaluating the best checkpoint (epoch %d) on %d held-out subjects",
              fold, best, len(data["test"]))
-    result = evaluate_fold(config, predict_fn, params, data["test"], fold, fold_dir, mesh)
+    rule = choose_postprocessing(config, predict_fn, params, data["val_volumes"], fold_dir, mesh)
+    result = evaluate_fold(config, predict_fn, params, data["test"], fold, fold_dir, mesh,
+                           data["test_volumes"], rule)
     log.info("fold %d: %s", fold, _summary(result))
     return result
