@@ -109,7 +109,8 @@ class TrainConfig:
 
     ``alpha`` is a float in [0, 1] or the string ``"auto"`` (learned task weighting).
     The learning rate decays by ``lr_decay_per_epoch`` after every epoch.
-    ``patches_per_subject``: training samples drawn per subject and epoch. Inner validation
+    ``patches_per_subject``: training samples drawn per subject and epoch. ``seg_bce_weight``:
+    voxel cross-entropy added to the Dice (:func:`losses.total_loss`; 0 = the paper). Inner validation
     and selection: the VOI protocol for ``data.sampling = "lesion"``; whole scans for
     ``"whole_volume"`` (sliding windows with ``val_overlap``, cheaper than predict's 0.5),
     which also chooses the post-processing among none, the largest component, and dropping
@@ -128,6 +129,7 @@ class TrainConfig:
     inner_val_fraction: float = 0.15
     threshold: float = 0.5
     patches_per_subject: int = 1
+    seg_bce_weight: float = 0.0
     val_overlap: float = 0.0
     postprocess_min_ml: tuple[float, ...] = (0.5, 1.0, 2.0)
     workers: int = 2
@@ -273,6 +275,7 @@ def validate(config: Config, where: str = "config") -> None:
     _check(t.num_folds >= 2, where, "train.num_folds must be >= 2")
     _check(0.0 <= t.inner_val_fraction < 0.5, where, "train.inner_val_fraction must be in [0, 0.5)")
     _check(0.0 < t.threshold < 1.0, where, "train.threshold must be in (0, 1)")
+    _check(t.seg_bce_weight >= 0, where, "train.seg_bce_weight must be >= 0")
     _check(t.patches_per_subject >= 1, where, "train.patches_per_subject must be >= 1")
     _check(0.0 <= t.val_overlap < 1.0, where, "train.val_overlap must be in [0, 1)")
     _check(all(v > 0 for v in t.postprocess_min_ml), where,

@@ -52,9 +52,22 @@ def _batch_mean(per_sample: jax.Array, weights: jax.Array | None) -> jax.Array:
     return jnp.sum(per_sample * weights) / jnp.where(total > 0, total, 1.0)
 
 
+def voxel_bce_loss(seg_logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean voxel-wise binary cross-entropy per sample: (B, D, H, W, 1) -> (B,) nats."""
+    per_voxel = optax.sigmoid_binary_cross_entropy(seg_logits.astype(jnp.float32),
+                                                   mask.astype(jnp.float32))
+    return jnp.mean(per_voxel, axis=tuple(range(1, per_voxel.ndim)))
+
+
 def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str,
-               log_vars: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               log_vars: jax.Array | None = None,
+               seg_bce_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training objective and its parts.
+
+    The segmentation loss is the soft Dice, plus ``seg_bce_weight`` times the voxel-wise
+    cross-entropy when that is > 0 (nnU-Net's Dice + CE: on patches without lesion the Dice
+    alone pulls towards predicting nothing anywhere; the paper: 0). Its parts are reported
+    as ``dice`` and ``seg_bce``.
 
     Both tasks present (``outputs["seg"]`` and ``outputs["cls"]`` not None):
 
@@ -77,8 +90,12 @@ def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str
     """
     valid = batch.get("valid")
     aux: dict[str, jax.Array] = {}
+    seg_loss = None
     if outputs.get("seg") is not None:
-        aux["dice"] = _batch_mean(dice_loss(outputs["seg"], batch["mask"]), valid)
+        aux["dice"] = seg_loss = _batch_mean(dice_loss(outputs["seg"], batch["mask"]), valid)
+        if seg_bce_weight > 0:
+            aux["seg_bce"] = _batch_mean(voxel_bce_loss(outputs["seg"], batch["mask"]), valid)
+            seg_loss = aux["dice"] + seg_bce_weight * aux["seg_bce"]
     if outputs.get("cls") is not None:
         weights = batch.get("cls_weight")
         if valid is not None:
@@ -86,17 +103,17 @@ def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str
         aux["bce"] = _batch_mean(bce_loss(outputs["cls"], batch["label"]), weights)
     if not aux:
         raise ValueError("outputs has neither 'seg' nor 'cls'")
-    if len(aux) == 1:
-        return next(iter(aux.values())), aux
+    if "bce" not in aux or seg_loss is None:
+        return (aux["bce"] if seg_loss is None else seg_loss), aux
     if alpha == "auto":
         if log_vars is None:
             raise ValueError("alpha='auto' needs log_vars (2,)")
-        parts = jnp.stack([aux["dice"], aux["bce"]])
+        parts = jnp.stack([seg_loss, aux["bce"]])
         weights = jnp.exp(-log_vars)
         aux.update(weight_dice=weights[0], weight_bce=weights[1],
                    log_var_dice=log_vars[0], log_var_bce=log_vars[1])
         return jnp.sum(weights * parts + log_vars), aux
-    return alpha * aux["dice"] + (1.0 - alpha) * aux["bce"], aux
+    return alpha * seg_loss + (1.0 - alpha) * aux["bce"], aux
 
 
 __all__ = ["bce_loss", "dice_loss", "total_loss"]

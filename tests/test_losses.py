@@ -114,3 +114,18 @@ def test_total_auto_weighting(case):
     np.testing.assert_allclose(grad(jnp.log(jnp.array([dice, bce]))), [0.0, 0.0], atol=1e-5)
     with pytest.raises(ValueError, match="log_vars"):
         total_loss(outputs, batch, alpha="auto")
+
+
+def test_seg_bce_weight_adds_the_voxel_cross_entropy_to_the_dice():
+    logits = jnp.zeros((2, 4, 4, 4, 1))  # p = 0.5 everywhere: BCE ln 2 per voxel
+    mask = jnp.zeros((2, 4, 4, 4, 1)).at[0, :2].set(1.0)
+    batch = {"mask": mask, "label": jnp.array([1.0, 0.0])}
+    outputs = {"seg": logits, "cls": None}
+    dice_only, aux0 = total_loss(outputs, batch, 0.4)
+    both, aux = total_loss(outputs, batch, 0.4, seg_bce_weight=2.0)
+    assert "seg_bce" not in aux0 and float(aux["seg_bce"]) == pytest.approx(np.log(2), rel=1e-5)
+    assert float(both) == pytest.approx(float(dice_only) + 2.0 * np.log(2), rel=1e-5)
+    outputs["cls"] = jnp.zeros((2,))
+    mixed, aux = total_loss(outputs, batch, 0.4, seg_bce_weight=1.0)
+    expected = 0.4 * (aux["dice"] + aux["seg_bce"]) + 0.6 * aux["bce"]
+    assert float(mixed) == pytest.approx(float(expected), rel=1e-6)

@@ -153,3 +153,16 @@ def test_experiment_caches_compiled_programs_in_its_directory(tmp_path, monkeypa
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
     experiment.use_compilation_cache(tmp_path / "other")
     assert len(updates) == 1
+
+
+def test_both_protocols_side_by_side_whole_scan_first(experiment):
+    dirs, out = experiment
+    text = (out / "report.md").read_text()
+    assert text.index("## Whole scan and lesion-centred VOI") < text.index("## Table 1")
+    table = _section(text, "Whole scan and lesion-centred VOI")
+    header = table[0]
+    assert header.index("whole DSC") < header.index("VOI DSC")
+    whole = _summary(dirs[0])["whole_scan"]["segmentation"]
+    row = next(line for line in table if line.startswith(f"| {dirs[0].name} |"))
+    assert f"{whole['dsc']:.3f} [" in row and f"({whole['median_false_positive_ml']:.2f})" in row
+    assert f"{_summary(dirs[0])['segmentation']['dsc']:.3f} [" in row
