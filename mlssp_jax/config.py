@@ -109,10 +109,11 @@ class TrainConfig:
 
     ``alpha`` is a float in [0, 1] or the string ``"auto"`` (learned task weighting).
     The learning rate decays by ``lr_decay_per_epoch`` after every epoch.
-    ``patches_per_subject``: training samples drawn per subject and epoch. ``seg_bce_weight``:
-    voxel cross-entropy added to the Dice (:func:`losses.total_loss`; 0 = the paper). Inner validation
-    and selection: the VOI protocol for ``data.sampling = "lesion"``; whole scans for
-    ``"whole_volume"`` (sliding windows with ``val_overlap``, cheaper than predict's 0.5),
+    ``patches_per_subject``: training samples drawn per subject and epoch.
+    ``seg_bce_weight``: voxel cross-entropy added to the Dice (:func:`losses.total_loss`;
+    0 = the paper). Inner validation and selection: the VOI protocol for
+    ``data.sampling = "lesion"``; whole scans for ``"whole_volume"`` (sliding windows with
+    ``val_overlap``, cheaper than predict's 0.5),
     which also chooses the post-processing among none, the largest component, and dropping
     components under each of ``postprocess_min_ml`` (mL).
     """

@@ -67,7 +67,8 @@ def test_whole_volume_batches_are_deterministic_in_seed_epoch_index():
     for a, b in zip(first, again, strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
-    assert any(not np.array_equal(a["image"], b["image"]) for a, b in zip(first, other))
+    assert any(not np.array_equal(a["image"], b["image"])
+               for a, b in zip(first, other, strict=True))
     assert first[0]["image"].shape == (2, S, S, S, 1)
     assert 0.0 <= first[0]["image"].min() and first[0]["image"].max() <= 1.0
     shifted = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,

@@ -64,7 +64,7 @@ def test_false_positive_counts_only_voxels_beyond_ten_mm():
     pred = np.zeros_like(truth)
     pred[5:30, 5, 5] = True  # distances 0..24 voxels of 1 mm
     assert wholescan.false_positive_ml(pred, truth, 1.0) == pytest.approx(14 / 1000)
-    assert wholescan.false_positive_ml(pred, truth, 2.0) == pytest.approx(19 * 8 / 1000)  # 6..24 voxels: 12-48 mm
+    assert wholescan.false_positive_ml(pred, truth, 2.0) == pytest.approx(19 * 8 / 1000)  # 12-48 mm
     assert wholescan.false_positive_ml(pred, np.zeros_like(truth), 1.0) == pytest.approx(0.025)
 
 
