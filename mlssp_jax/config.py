@@ -111,7 +111,8 @@ class TrainConfig:
     The learning rate decays by ``lr_decay_per_epoch`` after every epoch.
     ``patches_per_subject``: training samples drawn per subject and epoch.
     ``seg_bce_weight``: voxel cross-entropy added to the Dice (:func:`losses.total_loss`;
-    0 = the paper). Inner validation and selection: the VOI protocol for
+    0 = the paper); ``batch_dice``: the Dice over the whole batch (false = the paper's
+    per-sample mean). Inner validation and selection: the VOI protocol for
     ``data.sampling = "lesion"``; whole scans for ``"whole_volume"`` (sliding windows with
     ``val_overlap``, cheaper than predict's 0.5),
     which also chooses the post-processing among none, the largest component, and dropping
@@ -131,6 +132,7 @@ class TrainConfig:
     threshold: float = 0.5
     patches_per_subject: int = 1
     seg_bce_weight: float = 0.0
+    batch_dice: bool = False
     val_overlap: float = 0.0
     postprocess_min_ml: tuple[float, ...] = (0.5, 1.0, 2.0)
     workers: int = 2

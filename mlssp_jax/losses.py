@@ -52,6 +52,19 @@ def _batch_mean(per_sample: jax.Array, weights: jax.Array | None) -> jax.Array:
     return jnp.sum(per_sample * weights) / jnp.where(total > 0, total, 1.0)
 
 
+def batch_dice_loss(seg_logits: jax.Array, mask: jax.Array, weights: jax.Array | None = None,
+                    eps: float = 1.0) -> jax.Array:
+    """Soft Dice over the whole batch (nnU-Net's ``batch_dice``): one ratio of sums over every
+    voxel of every (weighted) sample, so a patch without lesion adds its false positives to
+    the denominator instead of being a sample whose only goal is an empty prediction."""
+    p = jax.nn.sigmoid(seg_logits.astype(jnp.float32))
+    g = mask.astype(jnp.float32)
+    w = jnp.ones(p.shape[:1]) if weights is None else weights.astype(jnp.float32)
+    w = w.reshape((-1,) + (1,) * (p.ndim - 1))
+    overlap = jnp.sum(w * p * g)
+    return 1.0 - (2.0 * overlap + eps) / (jnp.sum(w * p) + jnp.sum(w * g) + eps)
+
+
 def voxel_bce_loss(seg_logits: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean voxel-wise binary cross-entropy per sample: (B, D, H, W, 1) -> (B,) nats."""
     per_voxel = optax.sigmoid_binary_cross_entropy(seg_logits.astype(jnp.float32),
@@ -61,13 +74,15 @@ def voxel_bce_loss(seg_logits: jax.Array, mask: jax.Array) -> jax.Array:
 
 def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str,
                log_vars: jax.Array | None = None,
-               seg_bce_weight: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+               seg_bce_weight: float = 0.0,
+               batch_dice: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training objective and its parts.
 
     The segmentation loss is the soft Dice, plus ``seg_bce_weight`` times the voxel-wise
     cross-entropy when that is > 0 (nnU-Net's Dice + CE: on patches without lesion the Dice
     alone pulls towards predicting nothing anywhere; the paper: 0). Its parts are reported
-    as ``dice`` and ``seg_bce``.
+    as ``dice`` and ``seg_bce``. ``batch_dice``: the Dice of the whole batch
+    (:func:`batch_dice_loss`) instead of the mean of the per-sample Dice (the paper's).
 
     Both tasks present (``outputs["seg"]`` and ``outputs["cls"]`` not None):
 
@@ -92,7 +107,9 @@ def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str
     aux: dict[str, jax.Array] = {}
     seg_loss = None
     if outputs.get("seg") is not None:
-        aux["dice"] = seg_loss = _batch_mean(dice_loss(outputs["seg"], batch["mask"]), valid)
+        aux["dice"] = seg_loss = (
+            batch_dice_loss(outputs["seg"], batch["mask"], valid) if batch_dice
+            else _batch_mean(dice_loss(outputs["seg"], batch["mask"]), valid))
         if seg_bce_weight > 0:
             aux["seg_bce"] = _batch_mean(voxel_bce_loss(outputs["seg"], batch["mask"]), valid)
             seg_loss = aux["dice"] + seg_bce_weight * aux["seg_bce"]

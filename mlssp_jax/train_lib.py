@@ -127,7 +127,8 @@ def make_loss_fn(config: config_lib.Config) -> Callable:
     def loss_fn(trainable: dict, batch: dict) -> tuple[jax.Array, dict]:
         outputs = model.apply({"params": trainable["params"]}, batch["image"])
         log_vars = trainable["log_vars"] if alpha == "auto" else None
-        return losses.total_loss(outputs, batch, alpha, log_vars, config.train.seg_bce_weight)
+        return losses.total_loss(outputs, batch, alpha, log_vars, config.train.seg_bce_weight,
+                                 config.train.batch_dice)
 
     return loss_fn
 
