@@ -138,11 +138,11 @@ def test_bad_options_exit_2_with_one_error_line(args, message, tmp_path, capsys)
 
 
 def test_quick_config_learns_one_fold(tmp_path):
-    """README's main job (configs/quick.toml, fold 2): held-out DSC and AUC well above chance.
+    """README's main job (configs/quick.toml, fold 2): the lesion found on held-out whole scans.
 
-    The slowest test (~3 min on a busy 2-core CPU): it generates and preprocesses the
+    The slowest test (minutes on a busy 2-core CPU): it generates and preprocesses the
     40-subject cohort, compiles the 32^3 model and trains 12 epochs. Floors are conservative
-    (seen: DSC 0.84, AUC 0.75 on the 8 held-out subjects).
+    (see README for the figures seen on the 8 held-out subjects).
     """
     workdir = tmp_path / "quick_run"
     run_train(train_env(), sys.executable, "-m", "mlssp_jax.train", "--config",
