@@ -14,7 +14,7 @@ peak for MFU. PyTorch is an optional benchmark dependency (``pip install -e .[be
 ``--impl`` lists JAX conv implementations (config ``model.conv_impl``); the first one is
 the one in the ratio. The last line printed is ``ratio R``, R = JAX volumes/s / best
 PyTorch volumes/s. All implementations share this process's ``XLA_FLAGS``, which
-:mod:`mlssp_jax.cpu_env` sets for the 2-D formulations only when oneDNN cannot run; to time
+:mod:`mlssp_jax.ops.cpu_env` sets for the 2-D formulations only when oneDNN cannot run; to time
 ``--impl cpu`` as it runs when it is the fallback, set them yourself:
 ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot,eltwise,reduce``.
 """
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlssp_jax import config as config_lib
-from mlssp_jax import cpu_env, models, parallel, train_lib
+from mlssp_jax import models, parallel, train_step
+from mlssp_jax.ops import cpu_env
 
 GEMM_N = 2048
 
@@ -193,14 +194,14 @@ def jax_step_runner(config: config_lib.Config, batch: dict):
     implementation is credited with the same work.
     """
     mesh = parallel.make_mesh()
-    state = train_lib.create_train_state(config, jax.random.key(0), mesh)
+    state = train_step.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=1)
     device_batch = parallel.shard_batch(batch, mesh)
     xla_config = dataclasses.replace(
         config, model=dataclasses.replace(config.model, conv_impl="xla"))
     flops = common.compiled_flops(
-        train_lib.make_train_step(xla_config, mesh).lower(state, device_batch))
-    compiled, compile_s = common.compile_timed(train_lib.make_train_step(config, mesh),
-                                               state, device_batch)
+        train_step.make_train_step(xla_config, mesh, steps_per_epoch=1).lower(state, device_batch))
+    jitted = train_step.make_train_step(config, mesh, steps_per_epoch=1)
+    compiled, compile_s = common.compile_timed(jitted, state, device_batch)
     holder = [state]
 
     def step():
@@ -276,7 +277,7 @@ def report(args, timed: dict, info: dict) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cpu_env.maybe_reexec()  # GLIBC_TUNABLES for both frameworks (MLSSP_JAX_NO_CPU_TUNING=1: off)
+    cpu_env.prepare_process()  # GLIBC_TUNABLES for both frameworks (MLSSP_JAX_NO_CPU_TUNING=1: off)
     torch.set_num_threads(os.cpu_count() or 1)
     batch = synthetic_batch(args.batch, args.size)
     calls, info = build_runners(args, batch)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlssp_jax import conv_ops, cpu_env, onednn
+from mlssp_jax.ops import conv_ops, cpu_env, onednn
 
 
 def layer_shapes(width: int, size: int) -> list[dict]:
@@ -130,7 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cpu_env.maybe_reexec()  # GLIBC_TUNABLES for both frameworks (MLSSP_JAX_NO_CPU_TUNING=1: off)
+    cpu_env.prepare_process()  # GLIBC_TUNABLES for both frameworks (MLSSP_JAX_NO_CPU_TUNING=1: off)
     with_torch = not args.no_torch and torch_available()
     rows = []
     for spec in layer_shapes(args.width, args.size):

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import throughput
 
-from mlssp_jax import conv_ops, cpu_env, parallel, train_lib
+from mlssp_jax import parallel, train_step
+from mlssp_jax.ops import conv_ops, cpu_env
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,10 +77,10 @@ def model_flops(width: int, size: int, batch: int) -> float:
                                   str(size), "--batch", str(batch), "--impl", "xla"])
     config = throughput.make_config(args)
     mesh = parallel.make_mesh()
-    state = train_lib.create_train_state(config, jax.random.key(0), mesh)
+    state = train_step.create_train_state(config, jax.random.key(0), mesh, steps_per_epoch=1)
     batch_arrays = parallel.shard_batch(throughput.synthetic_batch(config), mesh)
-    return common.compiled_flops(train_lib.make_train_step(config, mesh).lower(state,
-                                                                              batch_arrays))
+    step = train_step.make_train_step(config, mesh, steps_per_epoch=1)
+    return common.compiled_flops(step.lower(state, batch_arrays))
 
 
 def layer_bound_s(width: int, size: int, batch: int, rates: dict[str, float],
@@ -99,7 +100,7 @@ def layer_bound_s(width: int, size: int, batch: int, rates: dict[str, float],
 
 
 def main(argv: list[str] | None = None) -> int:
-    cpu_env.maybe_reexec()
+    cpu_env.prepare_process()
     args = parse_args(argv)
     calls = kernel_calls(args.width, args.size, args.batch)
     timed = common.time_interleaved({name: call for name, (call, _) in calls.items()},

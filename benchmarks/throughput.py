@@ -36,8 +36,9 @@ import jax
 import numpy as np
 
 from mlssp_jax import config as config_lib
-from mlssp_jax import cpu_env, input_pipeline, parallel, train_lib
+from mlssp_jax import input_pipeline, parallel, train_lib, train_step
 from mlssp_jax.cli import ArgumentParser, run_command
+from mlssp_jax.ops import cpu_env
 
 ROOT = Path(__file__).resolve().parent.parent
 GEMM_N = 2048  # the CPU peak reference: a float32 GEMM of this size
@@ -154,10 +155,12 @@ def bench_train(config: config_lib.Config, repeats: int, warmup: int) -> dict[st
     """Compile, warm up and time the trainer's jitted train step on a synthetic batch."""
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.train.batch_size, mesh)
-    state = train_lib.create_train_state(config, jax.random.key(config.train.seed), mesh)
+    state = train_step.create_train_state(config, jax.random.key(config.train.seed), mesh,
+                                          steps_per_epoch=1)
     batch = parallel.shard_batch(synthetic_batch(config), mesh)
-    lowered_xla = train_lib.make_train_step(_xla_native(config), mesh).lower(state, batch)
-    step = train_lib.make_train_step(config, mesh)
+    lowered_xla = train_step.make_train_step(_xla_native(config), mesh,
+                                             steps_per_epoch=1).lower(state, batch)
+    step = train_step.make_train_step(config, mesh, steps_per_epoch=1)
     compiled, compile_s = common.compile_timed(step, state, batch)
     params = param_bytes(state.params)
     timed = _timed_with_peak(_step_runner(compiled, state, batch), repeats, warmup,
@@ -170,11 +173,12 @@ def bench_train(config: config_lib.Config, repeats: int, warmup: int) -> dict[st
 def bench_inference(config: config_lib.Config, repeats: int, warmup: int) -> dict[str, Any]:
     """Compile and time the prediction step (sigmoid probabilities) on a synthetic batch."""
     mesh = parallel.make_mesh()
-    state = train_lib.create_train_state(config, jax.random.key(config.train.seed), mesh)
+    state = train_step.create_train_state(config, jax.random.key(config.train.seed), mesh,
+                                          steps_per_epoch=1)
     images = parallel.shard_batch({"image": synthetic_batch(config)["image"]}, mesh)["image"]
-    lowered_xla = train_lib.make_predict_fn(_xla_native(config), mesh).lower(
+    lowered_xla = train_step.make_predict_fn(_xla_native(config), mesh).lower(
         state.params, images)
-    predict = train_lib.make_predict_fn(config, mesh)
+    predict = train_step.make_predict_fn(config, mesh)
     compiled, compile_s = common.compile_timed(predict, state.params, images)
     timed = _timed_with_peak(lambda: compiled(state.params, images), repeats, warmup,
                              config.model.dtype)
@@ -297,10 +301,11 @@ def scaling_worker(args: argparse.Namespace) -> None:
     """In a subprocess with N forced CPU devices: the data-parallel step, as one JSON line."""
     config = make_config(args)
     mesh = parallel.make_mesh()
-    state = train_lib.create_train_state(config, jax.random.key(config.train.seed), mesh)
+    state = train_step.create_train_state(config, jax.random.key(config.train.seed), mesh,
+                                          steps_per_epoch=1)
     batch = parallel.shard_batch(synthetic_batch(config), mesh)
-    compiled, compile_s = common.compile_timed(train_lib.make_train_step(config, mesh),
-                                               state, batch)
+    step = train_step.make_train_step(config, mesh, steps_per_epoch=1)
+    compiled, compile_s = common.compile_timed(step, state, batch)
     ops, reduced = all_reduce_bytes(compiled.as_text())
     params = param_bytes(state.params)
     stats = common.time_fn(_step_runner(compiled, state, batch), repeats=args.repeats,
@@ -380,9 +385,9 @@ def run_epoch(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         examples = train_lib.load_fold_data(config, Path(workdir), fold=0)["train"]
     steps = input_pipeline.steps_per_epoch(len(examples), config.train.batch_size)
-    state = train_lib.create_train_state(config, jax.random.key(config.train.seed), mesh, steps)
+    state = train_step.create_train_state(config, jax.random.key(config.train.seed), mesh, steps)
     first = next(input_pipeline.train_batches(examples, config, config.train.seed, 0))
-    step, compile_s = common.compile_timed(train_lib.make_train_step(config, mesh, steps),
+    step, compile_s = common.compile_timed(train_step.make_train_step(config, mesh, steps),
                                            state, parallel.shard_batch(first, mesh))
     rows = []
     for epoch in range(args.epochs):
@@ -401,7 +406,7 @@ def run_epoch(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cpu_env.maybe_reexec()
+    cpu_env.prepare_process()
     args = parse_args(argv)
     if args.scaling_worker:
         scaling_worker(args)

@@ -25,7 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import markdown_table, write_result  # noqa: E402
 
-from mlssp_jax import checkpointing, parallel, train_lib  # noqa: E402
+from mlssp_jax import (  # noqa: E402
+    checkpointing,
+    models,
+    parallel,
+    rundir,
+    train_lib,
+    train_step,
+    wholescan_eval,
+)
 from mlssp_jax import config as config_lib  # noqa: E402
 
 
@@ -34,15 +42,15 @@ def checkpoint_scores(workdir: Path, fold: int, overlaps: list[float]) -> list[d
     cfg = config_lib.load(workdir / "config.toml")
     data = train_lib.load_fold_data(cfg, workdir, fold)
     mesh = parallel.make_mesh()
-    predict_fn = train_lib.make_predict_fn(cfg, mesh)
-    manager = checkpointing.open_manager(checkpointing.checkpoint_dir(workdir, fold), True)
-    like = train_lib.abstract_params(cfg)
+    predict_fn = train_step.make_predict_fn(cfg, mesh)
+    manager = checkpointing.open_manager(rundir.checkpoint_dir(workdir, fold), True)
+    like = models.abstract_params(cfg.model, cfg.data.voi_size)
     rows = []
     for epoch in sorted({manager.best_step(), manager.latest_step()}):
         params, _ = checkpointing.restore_params(manager, epoch, like)
         row = {"run": workdir.name, "epoch": epoch}
         for overlap in overlaps:
-            val = train_lib.whole_scan_validate(
+            val = wholescan_eval.validate(
                 predict_fn, params, data["val_volumes"],
                 config_lib.apply_overrides(cfg, [f"train.val_overlap={overlap}"]), mesh)
             row[f"score@{overlap}"], row[f"dsc@{overlap}"] = val["val_score"], val["val_dsc"]

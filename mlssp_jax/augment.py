@@ -63,16 +63,8 @@ def _index_of_matrix() -> dict[bytes, int]:
     return {_matrix(i).tobytes(): i for i in range(NUM_SYMMETRIES)}
 
 
-def compose(a: int, b: int) -> int:
-    """Index of "apply ``b``, then ``a``".
-
-    ``symmetry(compose(a, b), v) == symmetry(a, symmetry(b, v))``.
-    """
-    return _index_of_matrix()[(_matrix(a) @ _matrix(b)).tobytes()]
-
-
 def inverse(a: int) -> int:
-    """Index of the symmetry undoing ``a``: ``compose(inverse(a), a) == 0``."""
+    """Index of the symmetry undoing ``a``: ``symmetry(inverse(a), symmetry(a, v)) == v``."""
     return _index_of_matrix()[np.ascontiguousarray(_matrix(a).T).tobytes()]
 
 
@@ -93,41 +85,54 @@ def random_affine_matrix(rng: np.random.Generator, cfg: AugmentConfig) -> np.nda
     return matrix / scale
 
 
+def voxels(length_mm: float, spacing_mm: float) -> float:
+    """A length in mm as a number of voxels of an isotropic grid of ``spacing_mm``."""
+    return length_mm / spacing_mm
+
+
+def jitter_voxels(cfg: AugmentConfig, spacing_mm: float) -> int:
+    """``voi_jitter_mm`` as whole voxels (rounded down): the largest VOI centre offset."""
+    return int(voxels(cfg.voi_jitter_mm, spacing_mm) + 1e-9)
+
+
 def elastic_displacement(shape: tuple[int, ...], rng: np.random.Generator,
-                         cfg: AugmentConfig) -> np.ndarray:
-    """A smooth random displacement field (3, *shape) in voxels (= mm on the 1 mm grid).
+                         cfg: AugmentConfig, spacing_mm: float) -> np.ndarray:
+    """A smooth random displacement field (3, *shape) in voxels of ``spacing_mm``.
 
     White noise smoothed by a Gaussian of ``elastic_sigma_mm``, scaled so each component
-    has a standard deviation of ``elastic_alpha_mm``. The field is drawn on a grid
-    ``sigma / 2`` times coarser and upsampled linearly: it is smooth at that scale anyway,
-    and smoothing the coarse noise is far cheaper than smoothing full-size noise.
+    has a standard deviation of ``elastic_alpha_mm`` (both converted to voxels). The field
+    is drawn on a grid ``sigma / 2`` times coarser and upsampled linearly: it is smooth at
+    that scale anyway, and smoothing the coarse noise is far cheaper than smoothing
+    full-size noise.
     """
-    step = max(1, int(cfg.elastic_sigma_mm // 2))
+    sigma, alpha = (voxels(cfg.elastic_sigma_mm, spacing_mm),
+                    voxels(cfg.elastic_alpha_mm, spacing_mm))
+    step = max(1, int(sigma // 2))
     coarse_shape = tuple(-(-n // step) + 1 for n in shape)
     zoom = np.asarray(shape) / np.asarray(coarse_shape)
     fields = []
     for _ in range(3):
         coarse = ndimage.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32),
-                                         cfg.elastic_sigma_mm / step, mode="reflect")
-        coarse *= cfg.elastic_alpha_mm / max(float(coarse.std()), 1e-12)
+                                         sigma / step, mode="reflect")
+        coarse *= alpha / max(float(coarse.std()), 1e-12)
         fields.append(ndimage.zoom(coarse, zoom, order=1, mode="nearest", grid_mode=True))
     return np.stack(fields)
 
 
 def _sample_coordinates(shape: tuple[int, ...], rng: np.random.Generator,
-                        cfg: AugmentConfig) -> np.ndarray:
+                        cfg: AugmentConfig, spacing_mm: float) -> np.ndarray:
     """Input voxel coordinates (3, *shape) per output voxel: affine about the centre + elastic."""
     centre = (np.asarray(shape, dtype=np.float32) - 1.0) / 2.0
     grid = np.indices(shape, dtype=np.float32) - centre[:, None, None, None]
     matrix = random_affine_matrix(rng, cfg) if cfg.random_affine else np.eye(3)
     coords = np.tensordot(matrix.astype(np.float32), grid, axes=1) + centre[:, None, None, None]
     if cfg.elastic:
-        coords += elastic_displacement(shape, rng, cfg)
+        coords += elastic_displacement(shape, rng, cfg, spacing_mm)
     return coords
 
 
 def spatial_transform(example: dict[str, Any], rng: np.random.Generator,
-                      cfg: AugmentConfig) -> dict[str, Any]:
+                      cfg: AugmentConfig, spacing_mm: float) -> dict[str, Any]:
     """Random rotation/scale about the VOI centre and/or elastic deformation, one resampling.
 
     Image: linear interpolation, background 0 outside. Mask: resampled as float, then
@@ -137,7 +142,7 @@ def spatial_transform(example: dict[str, Any], rng: np.random.Generator,
     """
     image, mask = example["image"], example["mask"]
     if cfg.elastic:
-        coords = _sample_coordinates(image.shape, rng, cfg)
+        coords = _sample_coordinates(image.shape, rng, cfg, spacing_mm)
         warp = functools.partial(ndimage.map_coordinates, coordinates=coords, order=1,
                                  mode="constant", cval=0.0)
     else:
@@ -215,18 +220,19 @@ def hu_transform(example: dict[str, Any], rng: np.random.Generator,
 
 
 def random_transform(example: dict[str, Any], rng: np.random.Generator,
-                     cfg: AugmentConfig) -> dict[str, Any]:
+                     cfg: AugmentConfig, spacing_mm: float) -> dict[str, Any]:
     """Augment ``{"image", "mask", "label", ...}``: a random cube symmetry, then the enabled scipy
     transforms (``random_affine``/``elastic``: one resampling; ``intensity``: image only).
 
-    Arrays are (S, S, S); the result holds contiguous copies, other keys pass through.
+    Arrays are (S, S, S) on an isotropic grid of ``spacing_mm`` (``data.spacing_mm``); the
+    result holds contiguous copies, other keys pass through.
     """
     out = dict(example)
     if cfg.symmetries:
         index = int(rng.integers(NUM_SYMMETRIES))
         out["image"], out["mask"] = symmetry(index, out["image"]), symmetry(index, out["mask"])
     if cfg.random_affine or cfg.elastic:
-        out = spatial_transform(out, rng, cfg)
+        out = spatial_transform(out, rng, cfg, spacing_mm)
     if cfg.intensity:
         out["image"] = intensity_transform(out["image"], rng, cfg)
     out["image"] = np.ascontiguousarray(out["image"], dtype=np.float32)

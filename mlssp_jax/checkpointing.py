@@ -9,7 +9,7 @@ renames it when complete, so a process killed mid-save leaves the previous check
 intact; leftover temporaries are removed when the manager is next opened.
 
 Two are kept: the latest (to resume) and the best by ``meta["score"]`` (higher is better,
-the inner-validation score; see :func:`mlssp_jax.train_lib.selection_score`).
+the inner-validation score; see :func:`mlssp_jax.fold_eval.selection_score`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from mlssp_jax import config as config_lib
+from mlssp_jax import models, rundir
 from mlssp_jax.errors import InputError
 
 SCORE = "score"
@@ -47,7 +48,7 @@ def open_manager(directory: str | Path, read_only: bool = False) -> ocp.Checkpoi
 def save(manager: ocp.CheckpointManager, epoch: int, state: Any, meta: dict, score: float) -> None:
     """Save the state after ``epoch`` finished epochs (asynchronously; atomic on disk).
 
-    ``state`` is a :class:`mlssp_jax.train_lib.TrainState`; ``meta`` must be JSON-able.
+    ``state`` is a :class:`mlssp_jax.train_step.TrainState`; ``meta`` must be JSON-able.
     Called on every process (orbax coordinates the hosts).
     """
     train_state = {"step": state.step, "log_vars": state.log_vars, "opt_state": state.opt_state}
@@ -85,27 +86,20 @@ def restore_params(manager: ocp.CheckpointManager, epoch: int, like: Any) -> tup
     return restored["params"], dict(restored["meta"])
 
 
-def checkpoint_dir(workdir: str | Path, fold: int) -> Path:
-    """``W/fold_K/checkpoints``."""
-    return Path(workdir) / f"fold_{fold}" / "checkpoints"
-
-
 def restore_best_params(workdir: str | Path, fold: int) -> tuple[Any, config_lib.Config]:
     """The best checkpoint's model parameters of fold ``fold`` and the run's config, for inference.
 
     Raises :class:`InputError` if the run or the fold has no checkpoint.
     """
-    from mlssp_jax import train_lib  # train_lib imports this module
-
-    workdir = Path(workdir)
-    config = config_lib.load(workdir / "config.toml")
-    directory = checkpoint_dir(workdir, fold)
+    config = rundir.read_config(workdir)
+    directory = rundir.checkpoint_dir(workdir, fold)
     if not directory.is_dir():
         raise InputError(f"{directory}: no checkpoints (fold {fold} not trained?)")
     manager = open_manager(directory, read_only=True)
     best = manager.best_step()
     if best is None:
         raise InputError(f"{directory}: no complete checkpoint")
-    params, _ = restore_params(manager, best, train_lib.abstract_params(config))
+    like = models.abstract_params(config.model, config.data.voi_size)
+    params, _ = restore_params(manager, best, like)
     manager.close()
     return params, config

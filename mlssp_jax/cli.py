@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from mlssp_jax.errors import InputError
 
 EXIT_BAD_INPUT = 2
+QUIET_LOGGERS = ("absl", "jax._src.xla_bridge")  # INFO chatter a user need not read
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -28,7 +29,8 @@ def setup_logging(verbose: bool = False) -> None:
     """Log to stderr with a short time-stamped format (INFO, or DEBUG if verbose).
 
     The ``absl`` logger (orbax logs every checkpoint save and restore through it at INFO)
-    is kept at WARNING unless verbose.
+    and JAX's backend setup (``Unable to initialize backend 'tpu'`` at INFO on every CPU run)
+    are kept at WARNING unless verbose.
     """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -37,7 +39,14 @@ def setup_logging(verbose: bool = False) -> None:
         stream=sys.stderr,
         force=True,  # orbax and grain install a WARNING root handler at import
     )
-    logging.getLogger("absl").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def diverged(err: Exception, kept_in: object) -> int:
+    """A :class:`~mlssp_jax.errors.TrainingDiverged` as one ``error:`` line; exit code 1."""
+    sys.stderr.write(f"error: {err}; the last good checkpoint is kept in {kept_in}\n")
+    return 1
 
 
 def run_command(main: Callable[[Sequence[str] | None], int | None],

@@ -12,42 +12,21 @@ has one.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from mlssp_jax import cli, config, metrics
+from mlssp_jax import cli, metrics, rundir, wholescan
 from mlssp_jax.errors import InputError
-from mlssp_jax.fileio import write_json
+from mlssp_jax.rundir import CLS_KEYS, SEG_KEYS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
-CLASSIFICATION_KEYS = ("accuracy", "sensitivity", "specificity", "auc")
 MEDIAN_KEYS = ("false_positive_ml", "volume_error_ml")  # whole scan: typical, not mean
-
-
-def read_run(workdir: Path) -> tuple[config.Config, dict[int, dict], list[int]]:
-    """The run's config, its finished folds' eval.json by fold, and the missing fold numbers."""
-    config_path = workdir / "config.toml"
-    if not config_path.is_file():
-        raise InputError(f"{config_path}: no such file (not a run directory?)")
-    cfg = config.load(config_path)
-    evals, missing = {}, []
-    for fold in range(cfg.train.num_folds):
-        path = workdir / f"fold_{fold}" / "eval.json"
-        if not path.is_file():
-            missing.append(fold)
-            continue
-        try:
-            evals[fold] = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"{path}: not valid JSON: {err}") from None
-    return cfg, evals, missing
 
 
 def _as_float(value) -> float:
@@ -73,7 +52,8 @@ def _estimate_and_ci(statistic, *arrays: np.ndarray, n_resamples: int,
     return estimate, [float(b) if np.isfinite(b) else None for b in (low, high)]
 
 
-def pool_segmentation(evals: Sequence[dict], n_resamples: int, seed: int) -> dict | None:
+def pool_segmentation(evals: Sequence[dict], n_resamples: int, seed: int,
+                      metric_keys: Sequence[str] = SEG_KEYS) -> dict | None:
     """Mean of each per-subject segmentation metric over all subjects, with bootstrap CIs.
 
     Undefined per-subject values (null/NaN) are left out of the mean. None if no fold has
@@ -82,7 +62,8 @@ def pool_segmentation(evals: Sequence[dict], n_resamples: int, seed: int) -> dic
     rows = [row for e in evals if e.get("segmentation") for row in e["segmentation"]["per_subject"]]
     if not rows:
         return None
-    keys = [k for k in rows[0] if k != "subject_id"]
+    # a run made before hd95_mm/volume_error_ml were recorded pools the metrics it has
+    keys = [k for k in metric_keys if any(k in row for row in rows)]
     pooled, ci95 = {}, {}
     for key in keys:
         column = np.array([_as_float(row.get(key)) for row in rows])
@@ -101,7 +82,7 @@ def pool_classification(evals: Sequence[dict], threshold: float, n_resamples: in
     labels = np.array([int(row["label"]) for row in rows])
     probs = np.array([float(row["prob"]) for row in rows])
     pooled, ci95 = {}, {}
-    for key in CLASSIFICATION_KEYS:
+    for key in CLS_KEYS:
         def statistic(y, p, key=key):
             return metrics.classification_metrics(y, p, threshold)[key]
         pooled[key], ci95[key] = _estimate_and_ci(statistic, labels, probs,
@@ -116,7 +97,8 @@ def summarize(workdir: str | Path, n_resamples: int = DEFAULT_RESAMPLES,
     Raises InputError if no fold has finished; logs a warning naming missing folds.
     """
     workdir = Path(workdir)
-    cfg, evals, missing = read_run(workdir)
+    cfg = rundir.read_config(workdir)
+    evals, missing = rundir.read_evals(workdir, cfg.train.num_folds)
     if not evals:
         raise InputError(f"{workdir}: no finished fold (no fold_K/eval.json)")
     if missing:
@@ -141,7 +123,7 @@ def pool_whole_scan(evals: Sequence[dict], threshold: float, n_resamples: int,
     blocks = [e["whole_scan"] for e in evals if e.get("whole_scan")]
     if not blocks:
         return None
-    seg = pool_segmentation(blocks, n_resamples, seed)
+    seg = pool_segmentation(blocks, n_resamples, seed, wholescan.SEG_KEYS)
     if seg is not None:
         for key in MEDIAN_KEYS:
             values = [row[key] for row in seg["per_subject"] if row.get(key) is not None]
@@ -161,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.bootstrap < 1:
         raise InputError(f"--bootstrap: must be >= 1, got {args.bootstrap}")
     summary = summarize(args.workdir, args.bootstrap, args.seed)
-    write_json(args.workdir / "summary.json", summary)
-    log.info("wrote %s (%d subjects, folds %s)", args.workdir / "summary.json",
+    rundir.write_summary(args.workdir, summary)
+    log.info("wrote %s (%d subjects, folds %s)", args.workdir / rundir.SUMMARY_FILE,
              summary["n_subjects"], summary["folds"])
     return 0
 

@@ -4,7 +4,7 @@
 [--models ...]``: MLSSP for every alpha x every fold (``DIR/mlssp_alpha<A>``), then each
 baseline at the best MLSSP alpha (``DIR/<model>_alpha<A>``), each run pooled into its
 ``summary.json``, then the report (``DIR/report/report.md``). The best alpha is chosen as
-the paper did, on the pooled cross-validated results (:func:`mlssp_jax.report.best_alpha`:
+the paper did, on the pooled cross-validated results (:func:`mlssp_jax.report_tables.best_alpha`:
 mean of pooled DSC and accuracy), which is optimistic for that row. A fold with an
 ``eval.json`` is finished and skipped, so re-running the command resumes the experiment.
 """
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import jax
 
-from mlssp_jax import cli, cpu_env, evaluate, report, train_lib
+from mlssp_jax import cli, evaluate, report, report_tables, rundir, train_lib
 from mlssp_jax import config as config_lib
-from mlssp_jax.errors import InputError
-from mlssp_jax.fileio import write_json
+from mlssp_jax.errors import InputError, TrainingDiverged
+from mlssp_jax.ops import cpu_env
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ BASELINES = ("ynet", "he", "unet3d", "cnn")
 
 
 def run_dir(out: Path, model: str, alpha: float | str) -> Path:
-    """``out/<model>_alpha<alpha>``."""
-    return out / f"{model}_alpha{alpha}"
+    """``out/<model>_alpha<alpha>`` (:func:`mlssp_jax.rundir.run_name`)."""
+    return out / rundir.run_name(model, alpha)
 
 
 def run_config(base: config_lib.Config, model: str, alpha: float | str) -> config_lib.Config:
@@ -41,14 +41,22 @@ def run_config(base: config_lib.Config, model: str, alpha: float | str) -> confi
 
 
 def train_run(cfg: config_lib.Config, workdir: Path, n_resamples: int) -> Path:
-    """Train and evaluate every unfinished fold of one run, then pool it into summary.json."""
+    """Train and evaluate every unfinished fold of one run, then pool it into summary.json.
+
+    A diverged fold raises :class:`TrainingDiverged` naming the run and the fold.
+    """
+    rundir.check_config(cfg, workdir)
+    finished = rundir.finished_folds(workdir, cfg.train.num_folds)
     for fold in range(cfg.train.num_folds):
-        if (workdir / f"fold_{fold}" / "eval.json").is_file():
+        if fold in finished:
             log.info("%s fold %d: finished, skipped", workdir.name, fold)
             continue
         log.info("%s fold %d: training", workdir.name, fold)
-        train_lib.train_and_evaluate(cfg, workdir, fold, resume=True)
-    write_json(workdir / "summary.json", evaluate.summarize(workdir, n_resamples))
+        try:
+            train_lib.train_and_evaluate(cfg, workdir, fold, resume=True)
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"{workdir} fold {fold}: {err}") from None
+    rundir.write_summary(workdir, evaluate.summarize(workdir, n_resamples))
     return workdir
 
 
@@ -58,7 +66,7 @@ def run_experiment(base: config_lib.Config, out: Path, alphas: Sequence[float | 
     """MLSSP over ``alphas``, the baselines at the best alpha, then the report (its path)."""
     mlssp_dirs = [train_run(run_config(base, "mlssp", a), run_dir(out, "mlssp", a), n_resamples)
                   for a in alphas]
-    best = report.best_alpha([report.load_run(d) for d in mlssp_dirs])
+    best = report_tables.best_alpha([report_tables.load_run(d) for d in mlssp_dirs])
     log.info("best MLSSP alpha on the pooled results: %s", best)
     baseline_dirs = [train_run(run_config(base, m, best), run_dir(out, m, best), n_resamples)
                      for m in baselines]
@@ -114,12 +122,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise InputError(f"--bootstrap: must be >= 1, got {args.bootstrap}")
     base = config_lib.load(args.config, args.set)
     use_compilation_cache(args.out)
-    path = run_experiment(base, args.out, parse_alphas(args.alphas), parse_models(args.models),
-                          args.bootstrap)
+    try:
+        path = run_experiment(base, args.out, parse_alphas(args.alphas),
+                              parse_models(args.models), args.bootstrap)
+    except TrainingDiverged as err:
+        return cli.diverged(err, "its fold's checkpoints/")
     log.info("wrote %s", path)
     return 0
 
 
 if __name__ == "__main__":
-    cpu_env.maybe_reexec()  # glibc malloc tunables, read only at process start
+    cpu_env.prepare_process()  # glibc malloc tunables and XLA flags, read at process start
     raise SystemExit(cli.run_command(main))

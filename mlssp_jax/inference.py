@@ -2,7 +2,7 @@
 
 Volumes are 3-D arrays ``(D, H, W)`` on the preprocessed 1 mm grid; a ``predict_fn`` takes a
 batch of windows ``(B, S, S, S, 1)`` float32 and returns ``{"seg_prob": (B, S, S, S[, 1]) | None,
-"cls_prob": (B,) | None}`` (probabilities in [0, 1]), as ``train_lib.make_predict_fn`` does once
+"cls_prob": (B,) | None}`` (probabilities in [0, 1]), as ``train_step.make_predict_fn`` does once
 its parameters are bound.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from mlssp_jax import augment, voi
+from mlssp_jax import augment, masks, metrics, voi
 
 PredictFn = Callable[[np.ndarray], dict]
 
@@ -122,21 +122,12 @@ def ensemble(predict_fns: Sequence[PredictFn]) -> PredictFn:
     return predict
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 26-connected component of a boolean mask (D, H, W); all False if empty."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    if count == 0:
-        return np.zeros(mask.shape, bool)
-    sizes = np.bincount(labels.ravel())[1:]
-    return labels == (1 + int(np.argmax(sizes)))
-
-
 def classification_centre(prob: np.ndarray, threshold: float) -> np.ndarray:
     """(3,) int voxel index: the centre of mass of the largest predicted lesion.
 
     With no voxel above ``threshold``, the voxel of highest probability (the likeliest lesion).
     """
-    component = largest_component(prob >= threshold)
+    component = masks.largest_component(metrics.binarize(prob, threshold))
     if not component.any():
         return np.array(np.unravel_index(int(np.argmax(prob)), prob.shape))
     return np.round(ndimage.center_of_mass(component)).astype(int)

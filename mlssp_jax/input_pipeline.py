@@ -39,12 +39,13 @@ def load_examples(paths: Mapping[str, Path], ids: Sequence[str],
 
     Each example: ``subject_id``, ``image`` float32 and ``mask`` uint8 of shape (S', S', S')
     with ``S' = voi_size + 2 * margin`` (the margin lets training jitter the centre by up to
-    ``margin`` mm), ``voi_size``, ``label`` float32, ``centre`` (3,) int voxel index in the
-    preprocessed volume, ``affine`` (4, 4) of that volume. ``labels``: aligned with ``ids``, or
-    a mapping from id. ``whole_volumes`` (for ``augment.background_fraction`` > 0) also keeps
-    the whole preprocessed ``volume_image`` float32 and ``volume_mask`` uint8 (I, J, K) and
-    ``brain_voxels``, the flat indices of the brain mask's voxels (all voxels if it is empty).
-    Logs how many lesions do not fit in the VOI (they are cropped around the centroid).
+    ``margin`` voxels, :func:`mlssp_jax.augment.jitter_voxels`), ``voi_size``, ``label``
+    float32, ``centre`` (3,) int voxel index in the preprocessed volume, ``affine`` (4, 4) of
+    that volume. ``labels``: aligned with ``ids``, or a mapping from id. ``whole_volumes`` (for
+    ``augment.background_fraction`` > 0) also keeps the whole preprocessed ``volume_image``
+    float32 and ``volume_mask`` uint8 (I, J, K) and ``brain_voxels``, the flat indices of the
+    brain mask's voxels (all voxels if it is empty). Logs how many lesions do not fit in the VOI
+    (they are cropped around the centroid).
     """
     size = voi_size + 2 * margin
     examples, exceeding = [], []
@@ -99,6 +100,7 @@ class TrainTransform:
         self.cfg = cfg
         self.voi_size = cfg.data.voi_size
         self.augment_cfg = cfg.augment
+        self.spacing_mm = cfg.data.spacing_mm  # the grid's voxel size: mm lengths -> voxels
 
     def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         if self.cfg.data.sampling == "whole_volume":
@@ -109,7 +111,7 @@ class TrainTransform:
             cropped = self._background_voi(example, rng) if background else self._lesion_voi(
                 example, rng)
             weight = np.float32(0.0 if background else 1.0)
-        out = augment.random_transform(cropped, rng, self.augment_cfg)
+        out = augment.random_transform(cropped, rng, self.augment_cfg, self.spacing_mm)
         return {"image": out["image"][..., None].astype(np.float32),
                 "mask": out["mask"][..., None].astype(np.float32),
                 "label": np.float32(out["label"]), "cls_weight": np.float32(weight)}
@@ -127,7 +129,7 @@ class TrainTransform:
 
     def _lesion_voi(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         margin = (example["image"].shape[0] - self.voi_size) // 2
-        jitter = min(self.augment_cfg.voi_jitter_mm, margin)
+        jitter = min(augment.jitter_voxels(self.augment_cfg, self.spacing_mm), margin)
         offset = rng.integers(-jitter, jitter + 1, size=3)
         return {"image": _centre_crop(example["image"], self.voi_size, offset),
                 "mask": _centre_crop(example["mask"], self.voi_size, offset),

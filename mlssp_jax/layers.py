@@ -1,4 +1,4 @@
-"""The network's convolution layers: flax modules that compute through :mod:`mlssp_jax.conv_ops`.
+"""The network's convolution layers: flax modules computing through :mod:`mlssp_jax.ops.conv_ops`.
 
 Each layer stores its parameters exactly as ``flax.linen.Conv`` / ``ConvTranspose`` would
 (``kernel`` DHWIO ``(kd, kh, kw, Cin, Cout)`` and ``bias`` ``(Cout,)``), so checkpoints are
@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mlssp_jax import conv_ops
+from mlssp_jax.ops import conv_ops
 
 Dtype = Any
 

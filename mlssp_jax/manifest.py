@@ -16,13 +16,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlssp_jax import nifti
+from mlssp_jax import nifti, scans
 from mlssp_jax.cli import ArgumentParser, run_command, setup_logging
 from mlssp_jax.errors import InputError
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("subject_id", "image", "mask", "label")
+COLUMNS = ("subject_id", "image", "mask", "label")  # the header; synth and physionet write it
 CLASS_NAMES = {0: "other", 1: "AVM"}
 
 
@@ -62,14 +62,20 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
 
 
 def _file(path: Path, line: int, column: str, value: str, required: bool) -> Path | None:
-    """The absolute path of a file column (relative to the manifest's folder), checked."""
+    """The absolute path of a file column (relative to the manifest's folder), checked.
+
+    ``image`` may name a folder (a DICOM series, see :mod:`mlssp_jax.scans`)."""
     if not value:
         if required:
             raise InputError(f"{path}: line {line}: {column} is empty")
         return None
     resolved = Path(value).expanduser()
     resolved = resolved if resolved.is_absolute() else path.parent / resolved
-    if not resolved.is_file():
+    if column == "image" and resolved.is_dir():
+        if not scans.is_series_folder(resolved):
+            raise InputError(f"{path}: line {line}: image folder {resolved} holds no DICOM "
+                             "series (or holds NIfTI files: name the file)")
+    elif not resolved.is_file():
         raise InputError(f"{path}: line {line}: {column} file {resolved} does not exist")
     return resolved.resolve()
 
@@ -88,9 +94,10 @@ def read_manifest(path: str | Path, require_masks: bool = True, *,
 
     Raises InputError (naming the manifest, line and problem) for a missing or unreadable
     file, a bad header, no rows, a row with the wrong number of fields, an empty or
-    duplicate subject id, a label other than 0/1, and an image (or required mask) file that
-    does not exist. Relative paths are relative to the manifest's folder. The NIfTI files
-    themselves are checked by :func:`check_subjects`.
+    duplicate subject id, a label other than 0/1, an image (or required mask) file that
+    does not exist, and an image folder that holds no DICOM series. Relative paths are
+    relative to the manifest's folder. The scans themselves are checked by
+    :func:`check_subjects`.
     """
     path = Path(path)
     subjects, seen = [], {}
@@ -113,7 +120,7 @@ def read_manifest(path: str | Path, require_masks: bool = True, *,
 def check_subjects(subjects: list[Subject]) -> None:
     """Open every image and mask: raises InputError for the first bad file (nifti's checks)."""
     for subject in subjects:
-        image = nifti.load_image(subject.image)
+        image = scans.load_scan(subject.image)
         if subject.mask is not None:
             nifti.load_mask(subject.mask, like=image)
 
@@ -131,18 +138,6 @@ def check_folds(subjects: list[Subject], num_folds: int, where: str = "manifest"
             raise InputError(f"{where}: only {counts[label]} subjects with label {label} "
                              f"({name}); {num_folds}-fold cross-validation needs at least "
                              f"{num_folds} per class")
-
-
-def resolve_data(data_cfg) -> Path:
-    """The manifest to use: ``data_cfg.manifest``, or the built-in synthetic cohort's."""
-    if data_cfg.manifest:
-        path = Path(data_cfg.manifest).expanduser()
-        if not path.is_file():
-            raise InputError(f"{path}: no such manifest file")
-        return path
-    from mlssp_jax import synth  # the generator is only needed without --data
-
-    return synth.default_manifest(data_cfg)
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,9 @@ hd95_mm                   both empty -> 0.0; exactly one empty -> inf (no surfac
 volume_error_ml           always defined: ``|V_pred - V_truth|`` in mL
 ========================  ==========================================================
 
+Thresholding, the one rule everywhere (segmentation voxels, classification, predict): a
+probability ``p`` is positive when ``p >= threshold`` (:func:`binarize`).
+
 Classification: ``sensitivity`` nan without positives, ``specificity`` nan without
 negatives, ``auc`` nan unless both classes occur. :func:`mean_metrics` averages with
 ``nanmean`` (nan = undefined, skipped; inf stays inf).
@@ -146,14 +149,20 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray):
     return fpr, tpr, np.r_[np.inf, scores[last_of_each]]
 
 
+def binarize(prob: np.ndarray | float, threshold: float) -> np.ndarray:
+    """``prob >= threshold`` (bool, same shape): the package's one thresholding rule."""
+    return np.asarray(prob) >= threshold
+
+
 def classification_metrics(labels: np.ndarray, probs: np.ndarray,
                            threshold: float = 0.5) -> dict[str, float]:
     """``accuracy``, ``sensitivity`` (AVM recall), ``specificity``, ``auc`` over subjects.
 
-    A subject is predicted positive when ``prob >= threshold``. labels (N,) in {0, 1}.
+    A subject is predicted positive when ``prob >= threshold`` (:func:`binarize`). labels
+    (N,) in {0, 1}.
     """
     labels, probs = np.asarray(labels).astype(bool), np.asarray(probs, dtype=float)
-    c = confusion_counts(probs >= threshold, labels)
+    c = confusion_counts(binarize(probs, threshold), labels)
     return {
         "accuracy": _ratio(c.tp + c.tn, labels.size),
         "sensitivity": _ratio(c.tp, c.tp + c.fn),

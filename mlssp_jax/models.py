@@ -38,10 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlssp_jax import conv_ops
 from mlssp_jax.config import ModelConfig
 from mlssp_jax.errors import InputError
 from mlssp_jax.layers import Conv3x3x3, DownConv, PointConv, UpConv
+from mlssp_jax.ops import conv_ops
 
 LEVELS = 4
 DECODER = LEVELS + 1  # share depth: classification head on the decoder's last features
@@ -256,3 +256,13 @@ def init_params(model: nn.Module, size: int, seed: int) -> dict[str, Any]:
 
 
 __all__ = ["DECODER", "LEVELS", "MultiTaskNet", "build_model", "has_tasks", "init_params"]
+
+
+def abstract_params(model_cfg: ModelConfig, size: int) -> Any:
+    """Shapes and dtypes (on one device) of the parameters of ``build_model(model_cfg)`` for
+    ``(1, size, size, size, 1)`` inputs, without computing them (a restore target)."""
+    model = build_model(model_cfg)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, size, 1)))["params"])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)

@@ -124,7 +124,12 @@ def load_image(path: str | Path) -> Volume:
     a shape that is not 3-D (a trailing singleton 4th dimension is squeezed, with a
     warning) and NaN or infinite voxels.
     """
-    volume = read_volume(path)
+    return check_image(read_volume(path))
+
+
+def check_image(volume: Volume) -> Volume:
+    """``volume`` if its voxels are finite (InputError naming its path if not); warns when the
+    values do not look like Hounsfield units. Shared by NIfTI and DICOM input."""
     path, data = volume.path, volume.data
     bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
     if bad:

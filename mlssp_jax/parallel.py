@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
@@ -73,11 +72,6 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
                          f"devices; use a multiple of {devices}")
 
 
-def local_batch_size(global_batch: int) -> int:
-    """This host's share of the global batch."""
-    return global_batch // jax.process_count()
-
-
 def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assemble global batch arrays from every host's local share.
 
@@ -88,14 +82,6 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     sharding = batch_sharded(mesh)
     return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
             for key, value in local_batch.items() if np.asarray(value).dtype.kind in "biuf"}
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Place a pytree (same values on every host) replicated over the mesh."""
-    sharding = replicated(mesh)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_callback(np.shape(x), sharding,
-                                               lambda idx: np.asarray(x)[idx]), tree)
 
 
 def is_main_process() -> bool:

@@ -27,6 +27,7 @@ from mlssp_jax import nifti
 from mlssp_jax.cli import ArgumentParser, run_command, setup_logging
 from mlssp_jax.errors import InputError
 from mlssp_jax.fileio import atomic_dir, atomic_path
+from mlssp_jax.manifest import COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def build_manifest(root: str | Path, out: str | Path, positive: tuple[str, ...],
             raise InputError(f"{root}: no scan has a hemorrhage mask")
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["subject_id", "image", "mask", "label"])
+    writer.writerow(COLUMNS)
     for sid, image, mask_name, label in rows:
         mask = os.path.relpath(mask_dir / mask_name, out.parent) if mask_name else ""
         writer.writerow([sid, os.path.relpath(image.resolve(), out.parent.resolve()), mask, label])

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from mlssp_jax import rundir
 from mlssp_jax.errors import InputError
 from mlssp_jax.fileio import write_json
 
@@ -76,6 +77,6 @@ def load(fold_dir: Path) -> dict:
 
 def ensemble_rule(workdir: Path, folds: Sequence[int]) -> dict:
     """The rule for an ensemble of ``folds``: the one most folds chose (ties: lowest fold's)."""
-    rules = [load(Path(workdir) / f"fold_{k}") for k in folds]
+    rules = [load(rundir.fold_dir(workdir, k)) for k in folds]
     counts = Counter(json.dumps(r, sort_keys=True) for r in rules)
     return max(rules, key=lambda r: counts[json.dumps(r, sort_keys=True)])

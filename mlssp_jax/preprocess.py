@@ -44,11 +44,12 @@ from scipy import ndimage
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from mlssp_jax import cache, masks, nifti, scans
 from mlssp_jax import config as config_lib
 from mlssp_jax import manifest as manifest_lib
-from mlssp_jax import nifti, synth
 from mlssp_jax.cli import ArgumentParser, run_command, setup_logging
 from mlssp_jax.config import DataConfig
+from mlssp_jax.errors import InputError
 from mlssp_jax.fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -183,15 +184,6 @@ def _ball(radius: int) -> np.ndarray:
     return (grid**2).sum(axis=0) <= radius**2
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(sizes.argmax())
-
-
 def skull_strip(hu: np.ndarray, fov: np.ndarray, spacing_mm: float) -> np.ndarray:
     """Brain mask (bool, same shape) of a head CT in HU on an isotropic RAS grid (axis 2 axial).
 
@@ -209,7 +201,7 @@ def skull_strip(hu: np.ndarray, fov: np.ndarray, spacing_mm: float) -> np.ndarra
     axial = np.zeros((3, 3, 3), dtype=bool)
     axial[:, :, 1] = ndimage.generate_binary_structure(2, 1)
     inside = ndimage.binary_fill_holes(bone, axial) | ndimage.binary_fill_holes(bone)
-    brain = _largest_component(inside & ~bone & (hu > BRAIN_MIN_HU))
+    brain = masks.largest_component(inside & ~bone & (hu > BRAIN_MIN_HU))
     brain = ndimage.binary_fill_holes(brain, axial) | ndimage.binary_fill_holes(brain)
     return brain | (ndimage.binary_dilation(brain) & (hu < RIM_MAX_HU) & (hu > BRAIN_MIN_HU))
 
@@ -248,10 +240,15 @@ def preprocess_volume(image: nifti.Volume, mask: nifti.Volume | None,
 
 
 def _file_identity(path: Path | None) -> list[Any] | None:
+    """Path, size and mtime of a file; of each file in it for a folder (a DICOM series)."""
     if path is None:
         return None
-    stat = Path(path).stat()
-    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+    path = Path(path)
+    if path.is_dir():
+        return [str(path.resolve()), [_file_identity(p) for p in sorted(path.iterdir())
+                                      if p.is_file()]]
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def subject_cache_key(subject: manifest_lib.Subject, data_cfg: DataConfig) -> str:
@@ -273,7 +270,7 @@ def _is_fresh(path: Path, key: str) -> bool:
 def _preprocess_subject(subject: manifest_lib.Subject, out_path: Path, data_cfg: DataConfig,
                         key: str) -> float:
     """Preprocess one subject into ``out_path`` (atomically); returns its lesion kept fraction."""
-    image = nifti.load_image(subject.image)
+    image = scans.load_scan(subject.image)
     mask = None if subject.mask is None else nifti.load_mask(subject.mask, like=image)
     result = preprocess_volume(image, mask, data_cfg)
     with atomic_path(out_path) as tmp:
@@ -336,21 +333,35 @@ def _stored_kept(path: Path) -> float:
         return float(npz["lesion_kept_fraction"])
 
 
-def cached_cohort(manifest_path: str | Path, data_cfg: DataConfig,
-                  workers: int | None = None) -> dict[str, Path]:
+def resolve_data(data_cfg) -> Path:
+    """The manifest to use: ``data_cfg.manifest``, or the built-in synthetic cohort's."""
+    if data_cfg.manifest:
+        path = Path(data_cfg.manifest).expanduser()
+        if not path.is_file():
+            raise InputError(f"{path}: no such manifest file")
+        return path
+    from mlssp_jax import synth  # the generator is only needed without --data
+
+    return synth.default_manifest(data_cfg)
+
+
+def cached_cohort(manifest_path: str | Path, data_cfg: DataConfig, workers: int | None = None,
+                  subjects: Sequence[manifest_lib.Subject] | None = None) -> dict[str, Path]:
     """Preprocess a manifest's cohort into the cache (once) and return ``{subject_id: npz}``.
 
     The cache folder is ``<cache root>/preprocessed/<hash of params and manifest path>``; inside
     it each file is checked against its inputs (see :func:`preprocess_cohort`). A file lock
     makes concurrent callers (e.g. the processes of a multi-host run) do the work once.
-    ``workers`` defaults to the CPU count.
+    ``workers`` defaults to the CPU count; ``subjects``: the manifest's, if the caller has
+    read it already (else it is read here).
     """
     manifest_path = Path(manifest_path).resolve()
-    subjects = manifest_lib.read_manifest(manifest_path, require_masks=True)
+    if subjects is None:
+        subjects = manifest_lib.read_manifest(manifest_path, require_masks=True)
     tag = json.dumps({"params": preprocessing_params(data_cfg), "manifest": str(manifest_path)},
                      sort_keys=True)
     digest = hashlib.sha256(tag.encode()).hexdigest()[:16]
-    out_dir = synth.cache_root(data_cfg) / "preprocessed" / digest
+    out_dir = cache.cache_root(data_cfg) / "preprocessed" / digest
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -375,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1:
         parser.error("--workers: must be >= 1")
     data_cfg = config_lib.load(args.config, args.set).data
-    manifest_path = Path(args.data) if args.data else manifest_lib.resolve_data(data_cfg)
+    manifest_path = Path(args.data) if args.data else resolve_data(data_cfg)
     subjects = manifest_lib.read_manifest(manifest_path, require_masks=False)
     preprocess_cohort(subjects, Path(args.out), data_cfg, args.workers)
     return 0

@@ -70,11 +70,16 @@ def _inner_val(ids: list[str], labels: dict[str, int], fraction: float,
     return sorted(picked)
 
 
+def check_fold(fold: int, num_folds: int) -> None:
+    """Raise InputError (naming ``--fold``) unless ``0 <= fold < num_folds``."""
+    if not 0 <= fold < num_folds:
+        raise InputError(f"--fold: must be in 0..{num_folds - 1}, got {fold}")
+
+
 def fold_split(subject_ids: Sequence[str], labels: Sequence[int], fold: int, num_folds: int,
                inner_val_fraction: float, seed: int) -> dict[str, list[str]]:
     """``{"train", "val", "test"}`` id lists: test = fold ``fold``; val drawn from the rest."""
-    if not 0 <= fold < num_folds:
-        raise InputError(f"--fold: must be in 0..{num_folds - 1}, got {fold}")
+    check_fold(fold, num_folds)
     folds = make_folds(subject_ids, labels, num_folds, seed)
     label_of = {s: int(y) for s, y in zip(subject_ids, labels, strict=True)}
     pool = sorted(s for k, f in enumerate(folds) if k != fold for s in f)
@@ -92,22 +97,41 @@ def load_or_create(workdir: str | Path, subject_ids: Sequence[str], labels: Sequ
     split parameters than given (a workdir belongs to one data set and one split).
     """
     path = Path(workdir) / SPLITS_FILE
-    subjects = dict(sorted((s, int(y)) for s, y in zip(subject_ids, labels, strict=True)))
-    wanted = {"seed": seed, "num_folds": num_folds, "inner_val_fraction": inner_val_fraction,
-              "subjects": subjects}
-    if path.exists():
-        saved = _read(path)
-        for key, value in wanted.items():
-            if saved.get(key) != value:
-                raise InputError(f"{path}: saved split has a different '{key}' than this run's "
-                                 "data/config; use a new --workdir")
+    wanted = _wanted(subject_ids, labels, num_folds, inner_val_fraction, seed)
+    saved = check_saved(workdir, subject_ids, labels, num_folds, inner_val_fraction, seed)
+    if saved is not None:
         log.info("reusing the split in %s", path)
-        return saved["folds"]
+        return saved
     folds = [fold_split(subject_ids, labels, k, num_folds, inner_val_fraction, seed)
              for k in range(num_folds)]
     write_json(path, {**wanted, "folds": folds})
     log.info("wrote a %d-fold split of %d subjects to %s", num_folds, len(subject_ids), path)
     return folds
+
+
+def _wanted(subject_ids: Sequence[str], labels: Sequence[int], num_folds: int,
+            inner_val_fraction: float, seed: int) -> dict[str, Any]:
+    subjects = dict(sorted((s, int(y)) for s, y in zip(subject_ids, labels, strict=True)))
+    return {"seed": seed, "num_folds": num_folds, "inner_val_fraction": inner_val_fraction,
+            "subjects": subjects}
+
+
+def check_saved(workdir: str | Path, subject_ids: Sequence[str], labels: Sequence[int],
+                num_folds: int, inner_val_fraction: float,
+                seed: int) -> list[dict[str, list[str]]] | None:
+    """The saved folds of ``workdir/splits.json`` (None if there is none); InputError if they
+    were made for other subjects, labels or split parameters. Reads only: cheap, so a run
+    checks it before any expensive work."""
+    path = Path(workdir) / SPLITS_FILE
+    if not path.exists():
+        return None
+    saved = _read(path)
+    wanted = _wanted(subject_ids, labels, num_folds, inner_val_fraction, seed)
+    for key, value in wanted.items():
+        if saved.get(key) != value:
+            raise InputError(f"{path}: saved split has a different '{key}' than this run's "
+                             "data/config; use a new --workdir")
+    return saved["folds"]
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from mlssp_jax import nifti
+from mlssp_jax import cache, nifti
 from mlssp_jax.cli import ArgumentParser, run_command, setup_logging
 from mlssp_jax.errors import InputError
 from mlssp_jax.fileio import atomic_dir
@@ -707,13 +707,6 @@ def generate_cohort(out_dir: str | Path, n_subjects: int = 80, n_avm: int = 38, 
     return out_dir / MANIFEST_NAME
 
 
-def cache_root(data_cfg=None) -> Path:
-    """Cache folder: ``data_cfg.cache_dir``, else ``$MLSSP_JAX_CACHE``, else ~/.cache/mlssp_jax."""
-    configured = getattr(data_cfg, "cache_dir", "") if data_cfg is not None else ""
-    root = configured or os.environ.get("MLSSP_JAX_CACHE") or Path.home() / ".cache" / "mlssp_jax"
-    return Path(root).expanduser()
-
-
 def default_manifest(data_cfg) -> Path:
     """The built-in cohort of ``data_cfg.synth_*``, generated on first use, cached.
 
@@ -723,7 +716,7 @@ def default_manifest(data_cfg) -> Path:
     small = "-small" if data_cfg.synth_small else ""
     name = (f"v{GENERATOR_VERSION}-n{data_cfg.synth_subjects}-avm{data_cfg.synth_avm}"
             f"-seed{data_cfg.synth_seed}{small}")
-    out = cache_root(data_cfg) / "synth" / name
+    out = cache.cache_root(data_cfg) / "synth" / name
     manifest = out / MANIFEST_NAME
     if manifest.is_file():
         return manifest

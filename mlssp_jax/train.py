@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlssp_jax import cli, cpu_env, parallel, train_lib
+from mlssp_jax import cli, parallel, rundir, splits, train_lib
 from mlssp_jax import config as config_lib
-from mlssp_jax.errors import InputError
+from mlssp_jax.errors import InputError, TrainingDiverged
+from mlssp_jax.ops import cpu_env
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML config (default: built-in defaults = paper)")
     p.add_argument("--data", help="manifest CSV (default: the built-in synthetic cohort)")
     p.add_argument("--workdir", type=Path,
-                   help="run directory (default: runs/<model>_alpha<alpha>)")
+                   help="run directory (default: runs/<config name>_<model>_alpha<alpha>)")
     p.add_argument("--fold", required=True,
                    help="fold to train, 0..num_folds-1, or 'all' for every fold in turn")
     p.add_argument("--alpha", help="segmentation loss weight in [0, 1], or 'auto' (learned)")
@@ -71,8 +71,9 @@ def folds_to_run(fold: str, num_folds: int) -> list[int]:
     """``--fold`` as a list of fold indices."""
     if fold == "all":
         return list(range(num_folds))
-    if not fold.isdigit() or int(fold) >= num_folds:
+    if not fold.isdigit():
         raise InputError(f"--fold: must be 0..{num_folds - 1} or 'all', got {fold!r}")
+    splits.check_fold(int(fold), num_folds)
     return [int(fold)]
 
 
@@ -81,19 +82,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging(args.verbose)
     config = resolve_config(args)
     folds = folds_to_run(args.fold, config.train.num_folds)
-    workdir = args.workdir or Path("runs") / f"{config.model.name}_alpha{config.train.alpha}"
+    workdir = args.workdir or rundir.default_workdir(args.config, config)
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id,
                                     auto=args.distributed)
     try:
         for fold in folds:
             train_lib.train_and_evaluate(config, workdir, fold, resume=args.resume)
-    except train_lib.TrainingDiverged as err:
-        sys.stderr.write(f"error: {err}; the last good checkpoint is kept in {workdir}\n")
-        return 1
+    except TrainingDiverged as err:
+        return cli.diverged(err, workdir)
     log.info("done: %s", workdir)
     return 0
 
 
 if __name__ == "__main__":
-    cpu_env.maybe_reexec()  # glibc malloc tunables, read only at process start
+    cpu_env.prepare_process()  # glibc malloc tunables and XLA flags, read at process start
     raise SystemExit(cli.run_command(main))

@@ -4,7 +4,6 @@ The paper crops a 64^3 VOI containing the lesion. Here the VOI is centred on the
 centroid (rounded to a voxel); where it leaves the volume it is padded with the background
 value (0 after windowing and skull stripping). A lesion larger than the VOI is cropped
 around its centroid: :func:`lesion_exceeds` tells which ones (the loader logs the count).
-:func:`paste` puts a VOI back into a full volume (e.g. a predicted mask).
 """
 
 from __future__ import annotations
@@ -39,19 +38,6 @@ def crop(volume: np.ndarray, centre: np.ndarray, size: int, pad_value: float = 0
     out = np.full((size, size, size) + volume.shape[3:], pad_value, dtype=volume.dtype)
     volume_sl, voi_sl = _windows(centre, size, volume.shape)
     out[voi_sl] = volume[volume_sl]
-    return out
-
-
-def paste(voi: np.ndarray, centre: np.ndarray, shape: tuple[int, ...],
-          fill_value: float = 0) -> np.ndarray:
-    """Inverse of :func:`crop`: ``shape`` array of ``fill_value``, ``voi`` put back at ``centre``.
-
-    Parts of the VOI outside ``shape`` (the padding) are dropped.
-    """
-    size = voi.shape[0]
-    out = np.full(tuple(shape[:3]) + voi.shape[3:], fill_value, dtype=voi.dtype)
-    volume_sl, voi_sl = _windows(centre, size, out.shape)
-    out[volume_sl] = voi[voi_sl]
     return out
 
 

@@ -87,7 +87,7 @@ def predict_volumes(volumes: Sequence[dict], predict_fn: inference.PredictFn, wi
 
 def postprocessed(volume: dict, prob: np.ndarray, rule: dict, threshold: float) -> np.ndarray:
     """The predicted mask (bool) of one volume after ``rule``."""
-    return postprocess.apply(prob > threshold, volume["brain"], rule,
+    return postprocess.apply(metrics.binarize(prob, threshold), volume["brain"], rule,
                              voxel_ml(volume["spacing_mm"]))
 
 

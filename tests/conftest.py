@@ -19,8 +19,10 @@ def session_caches(tmp_path_factory):
     import jax
 
     base = tmp_path_factory.getbasetemp()
-    from mlssp_jax import cpu_env
+    from mlssp_jax.ops import cpu_env, onednn
 
+    # what the commands' cpu_env.prepare_process does, for the tests run in this process
+    cpu_env.configure_environment(xla_convs=not onednn.buildable())
     env = {"MLSSP_JAX_CACHE": str(base / "mlssp_cache"),
            # set for subprocesses up front, so commands do not re-exec themselves to get it
            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", cpu_env.GLIBC_TUNABLES),

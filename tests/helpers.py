@@ -52,10 +52,6 @@ def run_train(env: dict, *args: str, expect: int = 0) -> subprocess.CompletedPro
     return done
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 SUBJECTS = 20
 FOLDS = 4
 VOI = 16

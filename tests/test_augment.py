@@ -25,19 +25,17 @@ def test_all_48_distinct(generic):
 
 
 def test_closed_under_composition(generic):
+    outputs = {augment.symmetry(i, generic).tobytes() for i in range(48)}
     for a in range(48):
         for b in range(48):
-            c = augment.compose(a, b)
-            assert 0 <= c < 48
-            np.testing.assert_array_equal(augment.symmetry(c, generic),
-                                          augment.symmetry(a, augment.symmetry(b, generic)))
+            assert augment.symmetry(a, augment.symmetry(b, generic)).tobytes() in outputs
 
 
 def test_inverses(generic):
     for a in range(48):
         inv = augment.inverse(a)
         np.testing.assert_array_equal(augment.symmetry(inv, augment.symmetry(a, generic)), generic)
-        assert augment.compose(a, inv) == 0
+        np.testing.assert_array_equal(augment.symmetry(a, augment.symmetry(inv, generic)), generic)
 
 
 def test_symmetry_keeps_channels_and_rejects_bad_index(generic):
@@ -64,7 +62,7 @@ ALL_ON = AugmentConfig(random_affine=True, elastic=True, intensity=True, rotate_
                                  dataclasses.replace(ALL_ON, random_affine=False), ALL_ON])
 def test_random_transform_mask_binary_and_aligned(cfg):
     example = _sphere_example()
-    out = augment.random_transform(example, np.random.default_rng(3), cfg)
+    out = augment.random_transform(example, np.random.default_rng(3), cfg, 1.0)
     assert out["image"].dtype == np.float32 and out["image"].shape == example["image"].shape
     assert set(np.unique(out["mask"])) <= {0, 1} and out["mask"].dtype == np.uint8
     assert out["label"] == 1
@@ -80,9 +78,9 @@ def test_random_transform_mask_binary_and_aligned(cfg):
 
 def test_random_transform_is_deterministic_in_the_generator():
     example = _sphere_example()
-    a = augment.random_transform(example, np.random.default_rng(7), ALL_ON)
-    b = augment.random_transform(example, np.random.default_rng(7), ALL_ON)
-    c = augment.random_transform(example, np.random.default_rng(8), ALL_ON)
+    a = augment.random_transform(example, np.random.default_rng(7), ALL_ON, 1.0)
+    b = augment.random_transform(example, np.random.default_rng(7), ALL_ON, 1.0)
+    c = augment.random_transform(example, np.random.default_rng(8), ALL_ON, 1.0)
     np.testing.assert_array_equal(a["image"], b["image"])
     assert not np.array_equal(a["image"], c["image"])
 
@@ -90,7 +88,7 @@ def test_random_transform_is_deterministic_in_the_generator():
 def test_paper_config_only_permutes_voxels():
     example = _sphere_example()
     example["image"] = np.random.default_rng(1).random((24, 24, 24)).astype(np.float32)
-    out = augment.random_transform(example, np.random.default_rng(5), AugmentConfig())
+    out = augment.random_transform(example, np.random.default_rng(5), AugmentConfig(), 1.0)
     np.testing.assert_array_equal(np.sort(out["image"], axis=None),
                                   np.sort(example["image"], axis=None))
     assert out["image"].flags.c_contiguous
@@ -98,7 +96,7 @@ def test_paper_config_only_permutes_voxels():
 
 def test_elastic_displacement_size_and_smoothness():
     cfg = AugmentConfig(elastic=True, elastic_alpha_mm=3.0, elastic_sigma_mm=6.0)
-    field = augment.elastic_displacement((32, 32, 32), np.random.default_rng(0), cfg)
+    field = augment.elastic_displacement((32, 32, 32), np.random.default_rng(0), cfg, 1.0)
     assert field.shape == (3, 32, 32, 32)
     np.testing.assert_allclose(field.std(axis=(1, 2, 3)), 3.0, rtol=0.1)
     neighbours = np.corrcoef(field[0, :-1].ravel(), field[0, 1:].ravel())[0, 1]
@@ -169,3 +167,12 @@ def test_slice_thickness_blurs_along_the_superior_axis_only():
     out_i = _hu(along_i, slice_thickness_max_mm=10.0)["hu"]
     assert np.std(out_k[brain]) < 0.9 * np.std(along_k["hu"][brain])
     np.testing.assert_allclose(out_i[brain], along_i["hu"][brain], atol=1e-3)
+
+
+def test_lengths_in_mm_are_converted_through_the_spacing():
+    """data.spacing_mm = 2: 3 mm of displacement is 1.5 voxels, a jitter of 8 mm is 4 voxels."""
+    cfg = AugmentConfig(elastic=True, elastic_alpha_mm=3.0, elastic_sigma_mm=6.0, voi_jitter_mm=8)
+    field = augment.elastic_displacement((32, 32, 32), np.random.default_rng(0), cfg, 2.0)
+    np.testing.assert_allclose(field.std(axis=(1, 2, 3)), 1.5, rtol=0.1)
+    assert augment.jitter_voxels(cfg, 2.0) == 4 and augment.jitter_voxels(cfg, 1.0) == 8
+    assert augment.jitter_voxels(dataclasses.replace(cfg, voi_jitter_mm=3), 2.0) == 1

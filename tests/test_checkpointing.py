@@ -22,7 +22,7 @@ from mlssp_jax import checkpointing
 
 @struct.dataclass
 class State:
-    """Stand-in with the fields of ``train_lib.TrainState``."""
+    """Stand-in with the fields of ``train_step.TrainState``."""
 
     step: Any
     params: Any

@@ -41,3 +41,17 @@ def test_absl_logs_only_warnings_unless_verbose():
         assert absl.isEnabledFor(logging.DEBUG)
     finally:
         absl.setLevel(logging.NOTSET)
+
+
+def test_jax_backend_setup_is_quiet_unless_verbose(caplog):
+    """``Unable to initialize backend 'tpu'`` (INFO, every CPU run) is not shown by default."""
+    bridge = logging.getLogger("jax._src.xla_bridge")
+    try:
+        cli.setup_logging()
+        with caplog.at_level(logging.INFO):
+            bridge.info("Unable to initialize backend 'tpu'")
+        assert "backend 'tpu'" not in caplog.text
+        cli.setup_logging(verbose=True)
+        assert bridge.isEnabledFor(logging.DEBUG)
+    finally:
+        bridge.setLevel(logging.NOTSET)

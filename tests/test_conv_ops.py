@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlssp_jax import conv_ops, cpu_env, onednn
 from mlssp_jax.errors import InputError
+from mlssp_jax.ops import conv_ops, cpu_env, onednn
 
 TOLERANCE = 1e-5  # relative L2, float32
 

@@ -12,7 +12,8 @@ import pytest
 from mlssp_jax import manifest, nifti
 from mlssp_jax.config import DataConfig
 from mlssp_jax.errors import InputError
-from mlssp_jax.manifest import Subject, check_folds, read_manifest, resolve_data
+from mlssp_jax.manifest import Subject, check_folds, read_manifest
+from mlssp_jax.preprocess import resolve_data
 
 HEADER = "subject_id,image,mask,label\n"
 

@@ -8,7 +8,9 @@ import socket
 import subprocess
 
 import pytest
-from helpers import ROOT, read_jsonl, train_command, train_env
+from helpers import ROOT, train_command, train_env
+
+from mlssp_jax import rundir
 
 
 def free_port() -> int:
@@ -34,9 +36,9 @@ def test_two_processes_two_devices_each_match_one_process(tiny_run, tiny_config,
             p.kill()
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    [multi] = read_jsonl(workdir / "fold_0" / "metrics.jsonl")
+    [multi] = rundir.read_jsonl(workdir / "fold_0" / "metrics.jsonl")
     assert (multi["processes"], multi["devices"]) == (2, 4)
-    single = read_jsonl(tiny_run / "fold_0" / "metrics.jsonl")[0]
+    single = rundir.read_jsonl(tiny_run / "fold_0" / "metrics.jsonl")[0]
     for key in ("step", "lr", "train_loss", "dice", "bce", "val_dsc", "val_score"):
         assert multi[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
     result = json.loads((workdir / "fold_0" / "eval.json").read_text())

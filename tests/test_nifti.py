@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -174,3 +175,10 @@ def test_empty_mask_is_refused_unless_allowed(tmp_path, image_path):
     with pytest.raises(InputError, match=r"mask\.nii\.gz: mask is empty"):
         nifti.load_mask(path, like=image)
     assert nifti.load_mask(path, like=image, require_lesion=False).data.sum() == 0
+
+
+def test_voxel_volume_in_ml():
+    affine = np.diag([0.5, 0.5, 4.0, 1.0])
+    affine[:3, :3] = affine[:3, :3][[1, 0, 2]]  # axis order does not change the volume
+    volume = nifti.Volume(np.zeros((2, 2, 2)), affine, Path("v.nii"))
+    assert volume.voxel_volume_ml == pytest.approx(1e-3)

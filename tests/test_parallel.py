@@ -22,7 +22,7 @@ ONE_STEP_ON_1_AND_4_DEVICES = textwrap.dedent("""
     import json
     import jax
     import numpy as np
-    from mlssp_jax import config as config_lib, parallel, train_lib
+    from mlssp_jax import config as config_lib, parallel, train_step
 
     assert jax.device_count() == 4
     cfg = config_lib.from_dict({"data": {"voi_size": 16},
@@ -35,16 +35,16 @@ ONE_STEP_ON_1_AND_4_DEVICES = textwrap.dedent("""
     out = {}
     for n in (1, 4):
         mesh = parallel.make_mesh(jax.devices()[:n])
-        state = train_lib.create_train_state(cfg, jax.random.key(0), mesh)
+        state = train_step.create_train_state(cfg, jax.random.key(0), mesh, 1)
         sharded = parallel.shard_batch(batch, mesh)
         shard_rows = {s.data.shape[0] for s in sharded["image"].addressable_shards}
-        new, metrics = train_lib.make_train_step(cfg, mesh)(state, sharded)
+        new, metrics = train_step.make_train_step(cfg, mesh, 1)(state, sharded)
         kernel = new.params["stem"]["conv0"]["kernel"]
         out[n] = {"shard_rows": sorted(shard_rows),
                   "param_devices": len(kernel.sharding.device_set),
                   "loss": float(metrics["loss"]),
                   "params": [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(new.params)]}
-        init = train_lib.create_train_state(cfg, jax.random.key(0), mesh).params
+        init = train_step.create_train_state(cfg, jax.random.key(0), mesh, 1).params
         out[n]["moved"] = float(np.abs(np.asarray(kernel)
                                        - np.asarray(init["stem"]["conv0"]["kernel"])).max())
     print(json.dumps(out))

@@ -18,6 +18,7 @@ from scipy import ndimage
 from mlssp_jax import config, manifest, nifti, predict
 from mlssp_jax.cli import run_command
 from mlssp_jax.errors import InputError
+from mlssp_jax.scans import scan_name
 
 LESION_CENTRE_MM = np.array([10.0, -5.0, 4.0])
 LESION_RADIUS_MM = 8.0
@@ -84,12 +85,6 @@ def test_resampling_back_puts_a_ball_at_its_world_position():
     assert flat[dist < 9.0].all() and not flat[dist > 11.0].any()
 
 
-def test_voxel_volume_in_ml():
-    affine = np.diag([0.5, 0.5, 4.0, 1.0])
-    affine[:3, :3] = affine[:3, :3][[1, 0, 2]]  # axis order does not change the volume
-    assert predict.voxel_volume_ml(affine) == pytest.approx(1e-3)
-
-
 def test_toy_model_mask_is_on_the_input_grid_and_finds_the_lesion(toy_result):
     image, truth = phantom()
     mask = toy_result["mask"]
@@ -143,7 +138,7 @@ def test_command_writes_mask_and_json_on_the_inputs_grid(tiny_run, tiny_cohort, 
             str(tmp_path / "out"), "--batch-size", "16", "--overlap", "0"]
     assert run_command(predict.main, argv) == 0
     for scan in scans:
-        name = predict.scan_name(scan)
+        name = scan_name(scan)
         image = nifti.load_image(scan)
         mask = nifti.load_mask(tmp_path / "out" / f"{name}_mask.nii.gz", image,
                                require_lesion=False)

@@ -15,16 +15,16 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ROOT, read_jsonl, run_train, train_command, train_env
+from helpers import ROOT, run_train, train_command, train_env
 
-from mlssp_jax import checkpointing, cli, train
+from mlssp_jax import checkpointing, cli, rundir, train
 
-SEG_KEYS = {"dsc", "sensitivity", "specificity", "ppv"}
+SEG_KEYS = set(rundir.SEG_KEYS)
 
 
 def test_trains_one_fold_and_writes_every_output(tiny_run):
     fold = tiny_run / "fold_0"
-    records = read_jsonl(fold / "metrics.jsonl")
+    records = rundir.read_jsonl(fold / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
         assert {"step", "lr", "train_loss", "dice", "bce", "val_dsc", "val_auc",
@@ -74,7 +74,7 @@ def test_whole_volume_sampling_trains_and_selects_on_whole_scans(tiny_config, ti
                                           "--set", 'data.sampling="whole_volume"',
                                           "--set", "augment.hu_noise_max=5",
                                           "--set", "train.seg_bce_weight=1"))
-    (record,) = read_jsonl(workdir / "fold_0" / "metrics.jsonl")
+    (record,) = rundir.read_jsonl(workdir / "fold_0" / "metrics.jsonl")
     assert {"val_dsc", "val_false_positive_ml", "val_postprocessing", "seg_bce"} <= set(record)
     result = json.loads((workdir / "fold_0" / "eval.json").read_text())
     assert set(result["whole_scan"]["segmentation"]) == WHOLE_SEG_KEYS | {"per_subject"}
@@ -105,8 +105,8 @@ def test_killed_run_resumes_to_the_same_losses(tiny_run, tiny_config, tiny_cohor
     assert "3" not in killed_at, "the run finished before it was killed"
 
     run_train(env, *command, "--resume")
-    resumed = read_jsonl(workdir / "fold_0" / "metrics.jsonl")
-    reference = read_jsonl(tiny_run / "fold_0" / "metrics.jsonl")
+    resumed = rundir.read_jsonl(workdir / "fold_0" / "metrics.jsonl")
+    reference = rundir.read_jsonl(tiny_run / "fold_0" / "metrics.jsonl")
     assert [r["epoch"] for r in resumed] == [1, 2, 3]
     for a, b in zip(resumed[:2], reference, strict=True):
         for key in ("step", "lr", "train_loss", "dice", "bce", "val_dsc", "val_score"):

@@ -1,7 +1,8 @@
-"""train_lib pieces that need no compiled model: lr schedule, NaN stop, results, selection."""
+"""train_lib and train_step without a compiled model: lr schedule, NaN stop, early checks."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax.numpy as jnp
@@ -9,13 +10,23 @@ import numpy as np
 import pytest
 from flax import struct
 
-from mlssp_jax import cli, input_pipeline, onednn, parallel, preprocess, train, train_lib
+from mlssp_jax import (
+    cli,
+    input_pipeline,
+    parallel,
+    preprocess,
+    train,
+    train_lib,
+    train_step,
+)
 from mlssp_jax import config as config_lib
+from mlssp_jax.errors import InputError, TrainingDiverged
+from mlssp_jax.ops import onednn
 
 
 def test_learning_rate_decays_five_percent_per_epoch_not_per_step():
     cfg = config_lib.TrainConfig(learning_rate=1e-3, lr_decay_per_epoch=0.05)
-    lr = train_lib.create_learning_rate_fn(cfg, steps_per_epoch=7)
+    lr = train_step.create_learning_rate_fn(cfg, steps_per_epoch=7)
     for step in range(0, 40):
         assert float(lr(step)) == pytest.approx(1e-3 * 0.95 ** (step // 7), rel=1e-6)
 
@@ -39,14 +50,14 @@ def test_nan_loss_stops_the_epoch_naming_the_step(monkeypatch):
 
     config = config_lib.Config(train=config_lib.TrainConfig(batch_size=2))
     mesh = parallel.make_mesh()
-    with pytest.raises(train_lib.TrainingDiverged, match=r"nan at step 8 \(epoch 2\)"):
+    with pytest.raises(TrainingDiverged, match=r"nan at step 8 \(epoch 2\)"):
         train_lib.train_epoch(fake_step, FakeState(jnp.int32(5)), [{}] * 10, config, 1, mesh)
     assert seen == [5, 6, 7]
 
 
 def test_train_command_reports_divergence_as_one_error_line(monkeypatch, capsys, tmp_path):
     def diverge(*args, **kwargs):
-        raise train_lib.TrainingDiverged("loss is nan at step 8 (epoch 2)")
+        raise TrainingDiverged("loss is nan at step 8 (epoch 2)")
 
     monkeypatch.setattr(train_lib, "train_and_evaluate", diverge)
     assert train.main(["--fold", "0", "--workdir", str(tmp_path)]) == 1
@@ -75,7 +86,7 @@ def test_preprocessing_runs_train_workers_processes_and_0_in_this_one(
     """train.workers = 0 preprocesses in this process (1 worker), not one per CPU."""
     seen = []
 
-    def cached_cohort(manifest_path, data_cfg, workers=None):
+    def cached_cohort(manifest_path, data_cfg, workers=None, subjects=None):
         seen.append(workers)
         raise Stop
 
@@ -87,30 +98,36 @@ def test_preprocessing_runs_train_workers_processes_and_0_in_this_one(
     assert seen == [processes]
 
 
-def _pred(subject_id, label, truth, prob, cls_prob):
-    return {"subject_id": subject_id, "label": label, "mask": truth, "seg_prob": prob,
-            "cls_prob": cls_prob, "image": np.zeros_like(prob)}
+def test_a_workdir_of_another_config_is_refused_before_the_cohort_is_made(
+        monkeypatch, capsys, tmp_path):
+    """The default synthetic cohort takes minutes to make: the config check comes first."""
+    made = []
+    monkeypatch.setattr(preprocess, "resolve_data", lambda data_cfg: made.append(1))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.toml").write_text(config_lib.to_toml(config_lib.Config()))
+    argv = ["--fold", "0", "--workdir", str(workdir), "--epochs", "3"]
+    assert cli.run_command(train.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "another config" in err[-1]
+    assert made == []
 
 
-def test_results_have_spec_fields_and_mean_per_subject_metrics():
-    truth = np.zeros((4, 4, 4), bool)
-    truth[1:3, 1:3, 1:3] = True  # 8 voxels
-    half = np.where(truth, 0.9, 0.1)
-    half[1, 1:3, 1:3] = 0.2  # 4 of 8 found, no false positives: dsc 2*4/(8+4) = 2/3
-    preds = [_pred("a", 1, truth, np.where(truth, 0.9, 0.1), 0.8), _pred("b", 0, truth, half, 0.3)]
-    seg = train_lib.segmentation_result(preds, 0.5)
-    assert [s["subject_id"] for s in seg["per_subject"]] == ["a", "b"]
-    assert seg["dsc"] == pytest.approx((1.0 + 2 / 3) / 2)
-    assert seg["sensitivity"] == pytest.approx(0.75)
-    assert set(seg) == {"dsc", "sensitivity", "specificity", "ppv", "per_subject"}
-    cls = train_lib.classification_result(preds, 0.5)
-    assert set(cls) == {"accuracy", "sensitivity", "specificity", "auc", "threshold", "per_subject"}
-    assert (cls["accuracy"], cls["auc"]) == (1.0, 1.0)
-    assert cls["per_subject"][1] == {"subject_id": "b", "label": 0, "prob": 0.3}
+def test_a_split_of_other_subjects_is_refused_before_preprocessing(tiny_cohort, tmp_path,
+                                                                   monkeypatch):
+    def cached_cohort(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(preprocess, "cached_cohort", cached_cohort)
+    config = config_lib.apply_overrides(config_lib.Config(), [f'data.manifest="{tiny_cohort}"'])
+    (tmp_path / "splits.json").write_text(json.dumps({"folds": [], "subjects": {"x": 0}}))
+    with pytest.raises(InputError, match="saved split has a different"):
+        train_lib.load_fold_data(config, tmp_path, fold=0)
 
 
-def test_selection_score_is_mean_of_dsc_and_auc_falling_back_to_accuracy():
-    assert train_lib.selection_score({"dsc": 0.6}, {"auc": 0.8, "accuracy": 0.5}) == 0.7
-    assert train_lib.selection_score({"dsc": 0.6}, {"auc": None, "accuracy": 0.5}) == 0.55
-    assert train_lib.selection_score(None, {"auc": 0.9, "accuracy": 0.5}) == 0.9
-    assert train_lib.selection_score({"dsc": 0.4}, None) == 0.4
+def test_time_left_leaves_out_the_compiling_first_epoch():
+    assert train_lib.time_left([30.0], 4) == 120.0
+    assert train_lib.time_left([30.0, 2.0, 4.0], 10) == 30.0
+    assert train_lib.time_left([30.0, 2.0], 0) == 0.0
+    assert train_lib.format_duration(42) == "42 s"
+    assert train_lib.format_duration(126 * 98) == "3.4 h"

@@ -1,4 +1,4 @@
-"""VOI crop around the lesion centroid, padding, paste-back and oversized lesions."""
+"""VOI crop around the lesion centroid, padding and oversized lesions."""
 
 import numpy as np
 
@@ -12,7 +12,7 @@ def test_lesion_centre_is_rounded_centroid():
     assert voi.lesion_centre(np.zeros((8, 10, 12))).tolist() == [4, 5, 6]
 
 
-def test_crop_pads_with_background_and_paste_inverts():
+def test_crop_pads_with_background():
     volume = np.arange(10 * 12 * 14, dtype=np.float32).reshape(10, 12, 14) + 1
     centre = np.array([1, 6, 13])
     cube = voi.crop(volume, centre, 8, pad_value=0)
@@ -22,10 +22,7 @@ def test_crop_pads_with_background_and_paste_inverts():
     assert cube[3, 0, 0] == volume[0, 2, 9]
     assert cube[7, 7, 4] == volume[4, 9, 13]
     assert (cube[:, :, 5:] == 0).all()  # beyond the last k
-    back = voi.paste(cube, centre, volume.shape)
-    inside = voi.paste(np.ones((8, 8, 8)), centre, volume.shape).astype(bool)
-    np.testing.assert_array_equal(back[inside], volume[inside])
-    assert (back[~inside] == 0).all() and inside.sum() == 5 * 8 * 5
+    assert np.count_nonzero(cube) == 5 * 8 * 5  # the part inside the volume, all of it
 
 
 def test_lesion_exceeds():

@@ -18,7 +18,7 @@ source, jaxlib and oneDNN versions and the compiler, so it is built once per env
 (~3 s). No network is used.
 
 When anything is missing (no compiler, no oneDNN, another OS) :func:`status` says why and
-``conv_impl = "auto"`` falls back to the 2-D formulations of :mod:`mlssp_jax.conv_ops`.
+``conv_impl = "auto"`` falls back to the 2-D formulations of :mod:`mlssp_jax.ops.conv_ops`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mlssp_jax import cache
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +93,9 @@ def find_compiler() -> str | None:
 
 
 def cache_dir() -> Path:
-    """``$MLSSP_JAX_CACHE/ext``, default ``~/.cache/mlssp_jax/ext``."""
-    base = os.environ.get("MLSSP_JAX_CACHE") or Path.home() / ".cache" / "mlssp_jax"
-    return Path(base) / "ext"
+    """``<cache root>/ext`` (:func:`mlssp_jax.cache.cache_root`: ``$MLSSP_JAX_CACHE``, default
+    ``~/.cache/mlssp_jax``)."""
+    return cache.cache_root() / "ext"
 
 
 def _compile_command(compiler: str, onednn: Path, output: Path) -> list[str]:

@@ -24,7 +24,7 @@ so every implementation reads the same parameters and checkpoints.
   Forward values and gradients equal the ``"xla"`` path to float32 rounding
   (``tests/test_conv_ops.py``).
 - ``"onednn"``: the ``"cpu"`` path with every 3-D convolution (forward and both gradients)
-  run by oneDNN through an XLA FFI call (:mod:`mlssp_jax.onednn`), the fastest on CPU;
+  run by oneDNN through an XLA FFI call (:mod:`mlssp_jax.ops.onednn`), the fastest on CPU;
   float32 only (other dtypes take the ``"cpu"`` formulations). Needs the oneDNN wheels and
   a C++ compiler; the handlers are compiled once per environment.
 - ``"auto"``: on the CPU backend ``"onednn"`` where it is available and JAX has one
@@ -40,12 +40,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from mlssp_jax import cpu_env, onednn
 from mlssp_jax.config import CONV_IMPLS
 from mlssp_jax.errors import InputError
+from mlssp_jax.ops import onednn
 
 log = logging.getLogger(__name__)
-cpu_env.configure_environment(xla_convs=not onednn.buildable())
 
 _DIMS = ("NDHWC", "DHWIO", "NDHWC")
 _DIMS_2D = ("NHWC", "HWIO", "NHWC")

@@ -8,8 +8,9 @@ Two settings, measured on a 2-core Zen 5 (``/work/shared/PERF_NOTES.md``, issue 
   (which used ~1 of 2 cores) so they run on Eigen. With oneDNN running the convolutions
   the flag costs 6% of a train step (1.56 vs 1.46 s, width 16, 64^3, batch 2), so it is
   not applied. XLA reads ``XLA_FLAGS`` once, when JAX creates its first backend, so
-  :func:`configure_environment` must run before the first computation; importing
-  :mod:`mlssp_jax.conv_ops` calls it. It is applied only when JAX will run on the CPU
+  :func:`configure_environment` must run before the first computation: commands call
+  :func:`prepare_process` first thing (importing a module never changes the environment).
+  It is applied only when JAX will run on the CPU
   (``JAX_PLATFORMS`` is ``cpu``, or no TPU/GPU plugin is installed) and jaxlib is a
   version the flag was checked against (:data:`FLAG_CHECKED_JAXLIB`): an XLA build that
   does not know a flag aborts the process, so accelerator runs and untested jaxlibs are
@@ -31,6 +32,8 @@ import importlib.util
 import logging
 import os
 import sys
+
+from mlssp_jax.ops import onednn
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +117,11 @@ def maybe_reexec() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def prepare_process() -> None:
+    """A command's first call (before JAX starts): :func:`maybe_reexec`, then the XLA flags
+    of :func:`configure_environment` if the convolutions will run as XLA convs (oneDNN not
+    buildable here; :func:`onednn.buildable` compiles nothing and starts no backend)."""
+    maybe_reexec()
+    configure_environment(xla_convs=not onednn.buildable())

@@ -1,0 +1,211 @@
+"""The runs a report compares and the paper's tables from them (Markdown lines).
+
+A :class:`Run` is a finished run directory: its model and alpha from ``config.toml`` and its
+pooled numbers from ``summary.json`` (pooled now by :mod:`mlssp_jax.evaluate` if missing).
+Each table puts the paper's published numbers (on its own private data) beside ours.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlssp_jax import evaluate, rundir
+from mlssp_jax import metrics as metric_fns
+from mlssp_jax.rundir import SEG_KEYS
+
+log = logging.getLogger(__name__)
+
+PAPER = "Zhao et al. 2022 (80 Tiantan Hospital patients; other data, not comparable)"
+# Table 1 of the paper: alpha -> DSC, sensitivity, specificity, PPV.
+PAPER_SEG_BY_ALPHA = {0.3: (0.814, 0.814, 0.985, 0.826), 0.4: (0.828, 0.842, 0.985, 0.838),
+                      0.5: (0.811, 0.829, 0.989, 0.801), 0.6: (0.792, 0.815, 0.984, 0.800),
+                      0.7: (0.780, 0.796, 0.982, 0.798)}
+# Table 2: alpha -> accuracy (fraction), sensitivity, specificity.
+PAPER_CLS_BY_ALPHA = {0.3: (0.8875, 0.881, 0.895), 0.4: (0.9500, 0.905, 1.000),
+                      0.5: (0.9250, 0.881, 0.974), 0.6: (0.9375, 0.905, 0.974),
+                      0.7: (0.9000, 0.905, 0.895)}
+# Table 3: model -> accuracy, sensitivity, specificity, AUC (only MLSSP's AUC is given).
+PAPER_CLS_BY_MODEL = {"mlssp": (0.9500, 0.905, 1.000, 0.982), "ynet": (0.9375, 0.881, 1.000, None),
+                      "he": (0.9375, 0.905, 0.974, None), "cnn": (0.9250, 0.881, 0.974, None)}
+MODEL_TITLES = {"mlssp": "MLSSP", "ynet": "Y-Net", "he": "He et al.", "unet3d": "3D U-Net",
+                "cnn": "CNN"}
+CLS_KEYS = ("accuracy", "sensitivity", "specificity")  # Tables 2-3 (the AUC has its own column)
+PAPER_SEG_KEYS = SEG_KEYS[:4]  # the paper's Table 1 has no HD95 or volume error
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished run: its directory, identity and pooled summary (evaluate's layout)."""
+
+    workdir: Path
+    model: str
+    alpha: float | str
+    summary: dict
+
+    @property
+    def title(self) -> str:
+        return f"{MODEL_TITLES.get(self.model, self.model)} (alpha {self.alpha})"
+
+
+def load_run(workdir: Path) -> Run:
+    """Read a run's summary.json, or pool its folds now if it has none."""
+    cfg = rundir.read_config(workdir)
+    summary = rundir.read_summary(workdir)
+    if summary is None:
+        log.info("%s: no summary.json, pooling its folds now", workdir)
+        summary = evaluate.summarize(workdir)
+    return Run(workdir, cfg.model.name, cfg.train.alpha, summary)
+
+
+def best_alpha(runs: Sequence[Run]) -> float | str | None:
+    """The MLSSP alpha with the best mean of pooled DSC and accuracy (the paper's choice rule).
+
+    As in the paper this selects on the cross-validated (held-out) results themselves, so the
+    best row is optimistic. None if there is no MLSSP run.
+    """
+    scored = [(_score(run), run.alpha) for run in runs if run.model == "mlssp"]
+    return max(scored, key=lambda item: item[0])[1] if scored else None
+
+
+def _score(run: Run) -> float:
+    seg, cls = run.summary["segmentation"], run.summary["classification"]
+    parts = [seg["dsc"] if seg else None, cls["accuracy"] if cls else None]
+    parts = [p for p in parts if p is not None]
+    return float(np.mean(parts)) if parts else float("-inf")
+
+
+def runs_by_model(runs: Sequence[Run], alpha: float | str | None) -> dict[str, Run]:
+    """One run per model: the one at ``alpha`` if there is one, else its first run."""
+    chosen: dict[str, Run] = {}
+    for run in runs:
+        current = chosen.get(run.model)
+        if current is None or (current.alpha != alpha and run.alpha == alpha):
+            chosen[run.model] = run
+    order = list(MODEL_TITLES)
+    return dict(sorted(chosen.items(), key=lambda kv: order.index(kv[0])
+                       if kv[0] in order else len(order)))
+
+
+def _cell(task: dict | None, key: str, percent: bool = False, digits: int = 3) -> str:
+    """'value [low, high]' from a pooled task summary; '-' if absent (e.g. a metric a run
+    made by an older version did not record)."""
+    if not task or task.get(key) is None:
+        return "-"
+    scale, digits = (100.0, 2) if percent else (1.0, digits)
+    low, high = task["ci95"].get(key) or (None, None)
+    text = f"{task[key] * scale:.{digits}f}"
+    if low is not None and high is not None:
+        text += f" [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
+    return text
+
+
+def _paper(value: float | None, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"*{value * 100:.2f}*" if percent else f"*{value:.3f}*"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table: a header row, the separator, one line per row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def table_segmentation_by_alpha(runs: Sequence[Run]) -> list[str]:
+    """Table 1: MLSSP's pooled segmentation metrics by alpha, the paper's beside each; then
+    HD95 (mm) and absolute volume error (mL), which the paper does not report."""
+    header = (["alpha"] + [f"{name} {col}" for name in ("DSC", "Sens", "Spec", "PPV")
+                           for col in ("(ours)", "(paper)")]
+              + ["HD95 mm (ours)", "vol. error mL (ours)"])
+    rows = []
+    for run in sorted((r for r in runs if r.model == "mlssp"), key=lambda r: str(r.alpha)):
+        paper = PAPER_SEG_BY_ALPHA.get(run.alpha, (None,) * 4)
+        seg = run.summary["segmentation"]
+        rows.append([str(run.alpha)] + [c for key, ref in zip(PAPER_SEG_KEYS, paper, strict=True)
+                                        for c in (_cell(seg, key), _paper(ref))]
+                    + [_cell(seg, "hd95_mm", digits=2), _cell(seg, "volume_error_ml", digits=2)])
+    return markdown_table(header, rows)
+
+
+def table_classification_by_alpha(runs: Sequence[Run]) -> list[str]:
+    """Table 2: MLSSP's pooled classification by alpha (accuracy in %), the paper's beside."""
+    header = ["alpha"] + [f"{name} {col}" for name in ("Acc %", "Sens", "Spec")
+                          for col in ("(ours)", "(paper)")] + ["AUC (ours)"]
+    rows = []
+    for run in sorted((r for r in runs if r.model == "mlssp"), key=lambda r: str(r.alpha)):
+        paper = PAPER_CLS_BY_ALPHA.get(run.alpha, (None,) * 3)
+        cls = run.summary["classification"]
+        cells = [c for key, ref in zip(CLS_KEYS, paper, strict=True)
+                 for c in (_cell(cls, key, key == "accuracy"), _paper(ref, key == "accuracy"))]
+        rows.append([str(run.alpha)] + cells + [_cell(cls, "auc")])
+    return markdown_table(header, rows)
+
+
+def delong_vs(run: Run, reference: Run) -> float | None:
+    """DeLong p-value of the AUC difference between two runs on their common subjects."""
+    ours = {r["subject_id"]: r for r in run.summary["classification"]["per_subject"]}
+    theirs = {r["subject_id"]: r for r in reference.summary["classification"]["per_subject"]}
+    common = sorted(set(ours) & set(theirs))
+    labels = np.array([ours[s]["label"] for s in common])
+    if len(common) < 2 or labels.min() == labels.max():
+        return None
+    _, _, p = metric_fns.delong_test(labels, np.array([ours[s]["prob"] for s in common]),
+                                     np.array([theirs[s]["prob"] for s in common]))
+    return float(p)
+
+
+def table_classification_by_model(by_model: dict[str, Run]) -> list[str]:
+    """Table 3: classification of each model (with AUC and DeLong p against MLSSP)."""
+    header = ["model", "alpha"] + [f"{name} {col}" for name in ("Acc %", "Sens", "Spec", "AUC")
+                                   for col in ("(ours)", "(paper)")] + ["DeLong p vs MLSSP"]
+    reference = by_model.get("mlssp")
+    rows = []
+    for name, run in by_model.items():
+        cls = run.summary["classification"]
+        if not cls:
+            continue
+        paper = PAPER_CLS_BY_MODEL.get(name, (None,) * 4)
+        cells = [c for key, ref in zip(CLS_KEYS + ("auc",), paper, strict=True)
+                 for c in (_cell(cls, key, key == "accuracy"), _paper(ref, key == "accuracy"))]
+        p = delong_vs(run, reference) if reference and name != "mlssp" else None
+        rows.append([MODEL_TITLES.get(name, name), str(run.alpha)] + cells
+                    + ["-" if p is None else f"{p:.3f}"])
+    return markdown_table(header, rows)
+
+
+def table_segmentation_by_model(by_model: dict[str, Run]) -> list[str]:
+    """The numbers behind Fig. 4: pooled segmentation metrics of each model."""
+    rows = [[MODEL_TITLES.get(name, name), str(run.alpha)]
+            + [_cell(run.summary["segmentation"], key) for key in PAPER_SEG_KEYS]
+            for name, run in by_model.items() if run.summary["segmentation"]]
+    return markdown_table(["model", "alpha", "DSC", "Sens", "Spec", "PPV"], rows)
+
+
+def _median(task: dict | None, key: str) -> str:
+    value = task and task.get(f"median_{key}")
+    return "-" if value is None else f"{value:.2f}"
+
+
+def table_protocols(runs: Sequence[Run]) -> list[str]:
+    """Each run by both protocols, whole scan first: what a user gets on a new scan (sliding
+    windows, the run's post-processing) beside the paper's VOI centred on the true lesion."""
+    header = ["run", "model", "alpha", "whole DSC", "whole HD95 mm", "whole |vol err| mL "
+              "(median)", "whole false positive mL (median)", "whole detected", "whole AUC",
+              "VOI DSC", "VOI AUC"]
+    rows = []
+    for run in runs:
+        whole = run.summary.get("whole_scan") or {}
+        wseg, wcls = whole.get("segmentation"), whole.get("classification")
+        rows.append([run.workdir.name, MODEL_TITLES.get(run.model, run.model), str(run.alpha),
+                     _cell(wseg, "dsc"), _cell(wseg, "hd95_mm"),
+                     f"{_cell(wseg, 'volume_error_ml')} ({_median(wseg, 'volume_error_ml')})",
+                     f"{_cell(wseg, 'false_positive_ml')} ({_median(wseg, 'false_positive_ml')})",
+                     _cell(wseg, "detected"), _cell(wcls, "auc"),
+                     _cell(run.summary["segmentation"], "dsc"),
+                     _cell(run.summary["classification"], "auc")])
+    return markdown_table(header, rows)

@@ -1,0 +1,135 @@
+"""The training state and the jitted step functions: optimiser, loss, train step, predict.
+
+Arrays are channels-last: images and masks ``(B, S, S, S, 1)``, labels ``(B,)``. The train
+step runs data-parallel over every device of every host (:mod:`mlssp_jax.parallel`). The
+learning rate is Adam's, decayed by ``train.lr_decay_per_epoch`` after every epoch.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from mlssp_jax import config as config_lib
+from mlssp_jax import losses, models, parallel
+
+# ``(params, images (B, S, S, S, 1)) -> {"seg_prob", "cls_prob"}``: a model's jitted forward
+# pass with the parameters as an argument (bind them for :data:`mlssp_jax.inference.PredictFn`).
+ApplyFn = Callable[[Any, jax.Array], dict]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training (all replicated over the mesh)."""
+
+    step: jax.Array  # () int32, optimiser steps taken
+    params: Any  # the model's flax "params" collection
+    log_vars: jax.Array  # (2,) learned log-variances (seg, cls) when alpha is "auto", else unused
+    opt_state: optax.OptState
+
+
+def create_learning_rate_fn(train_cfg: config_lib.TrainConfig,
+                            steps_per_epoch: int) -> optax.Schedule:
+    """lr(step) = learning_rate * (1 - lr_decay_per_epoch) ** (step // steps_per_epoch)."""
+    return optax.exponential_decay(
+        init_value=train_cfg.learning_rate, transition_steps=steps_per_epoch,
+        decay_rate=1.0 - train_cfg.lr_decay_per_epoch, staircase=True)
+
+
+def create_optimizer(train_cfg: config_lib.TrainConfig,
+                     steps_per_epoch: int) -> optax.GradientTransformation:
+    """Adam (b1, b2 from the config) on the per-epoch decayed learning rate."""
+    return optax.adam(create_learning_rate_fn(train_cfg, steps_per_epoch),
+                      b1=train_cfg.adam_b1, b2=train_cfg.adam_b2)
+
+
+def _trainable(state: TrainState) -> dict:
+    return {"params": state.params, "log_vars": state.log_vars}
+
+
+def create_train_state(config: config_lib.Config, rng: jax.Array, mesh: Mesh,
+                       steps_per_epoch: int) -> TrainState:
+    """He-initialised parameters, zero log-variances and a fresh Adam state, replicated on ``mesh``.
+
+    Every host computes the same values from ``rng``; ``steps_per_epoch`` only sets the
+    learning-rate schedule, which does not change the state's structure.
+    """
+    model = models.build_model(config.model)
+    tx = create_optimizer(config.train, steps_per_epoch)
+    size = config.data.voi_size
+
+    def init(params: dict) -> TrainState:
+        log_vars = jnp.zeros((2,), jnp.float32)
+        opt_state = tx.init({"params": params, "log_vars": log_vars})
+        return TrainState(jnp.zeros((), jnp.int32), params, log_vars, opt_state)
+
+    # Host-side init (models.init_params): XLA's RNG compile took minutes on CPU.
+    seed = zlib.crc32(np.asarray(jax.random.key_data(rng)).tobytes())
+    params = models.init_params(model, size, seed)
+    return jax.jit(init, out_shardings=parallel.replicated(mesh))(params)
+
+
+def make_loss_fn(config: config_lib.Config) -> Callable:
+    """``(trainable, batch) -> (loss, parts)``: the weighted task losses on one batch."""
+    model = models.build_model(config.model)
+    alpha = config.train.alpha
+
+    def loss_fn(trainable: dict, batch: dict) -> tuple[jax.Array, dict]:
+        outputs = model.apply({"params": trainable["params"]}, batch["image"])
+        log_vars = trainable["log_vars"] if alpha == "auto" else None
+        return losses.total_loss(outputs, batch, alpha, log_vars, config.train.seg_bce_weight,
+                                 config.train.batch_dice)
+
+    return loss_fn
+
+
+def make_train_step(config: config_lib.Config, mesh: Mesh, steps_per_epoch: int) -> Callable:
+    """A jitted ``(state, batch) -> (state, metrics)``; the state's buffers are donated.
+
+    ``batch``: ``image``/``mask`` ``(B, S, S, S, 1)`` and ``label`` ``(B,)``, sharded along
+    the batch. ``metrics``: ``loss``, the per-task losses and ``lr`` (the rate of this step).
+    """
+    loss_fn = make_loss_fn(config)
+    tx = create_optimizer(config.train, steps_per_epoch)
+    lr_fn = create_learning_rate_fn(config.train, steps_per_epoch)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        trainable = _trainable(state)
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        new_state = state.replace(step=state.step + 1, params=trainable["params"],
+                                  log_vars=trainable["log_vars"], opt_state=opt_state)
+        return new_state, {**parts, "loss": loss, "lr": lr_fn(state.step)}
+
+    return jax.jit(train_step, donate_argnums=0,
+                   in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+                   out_shardings=parallel.replicated(mesh))
+
+
+def make_predict_fn(config: config_lib.Config, mesh: Mesh | None = None) -> ApplyFn:
+    """A jitted ``(params, images (B, S, S, S, 1)) -> {"seg_prob": (B, S, S, S, 1) | None,
+    "cls_prob": (B,) | None}`` (sigmoid probabilities; None for a task the model lacks).
+
+    With a ``mesh`` the images are sharded along the batch and the outputs replicated, so
+    every host can read them.
+    """
+    model = models.build_model(config.model)
+
+    def predict(params: Any, images: jax.Array) -> dict:
+        out = model.apply({"params": params}, images)
+        return {"seg_prob": None if out["seg"] is None else jax.nn.sigmoid(out["seg"]),
+                "cls_prob": None if out["cls"] is None else jax.nn.sigmoid(out["cls"])}
+
+    if mesh is None:
+        return jax.jit(predict)
+    return jax.jit(predict, in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+                   out_shardings=parallel.replicated(mesh))
