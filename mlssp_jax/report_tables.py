@@ -194,7 +194,7 @@ def _median(task: dict | None, key: str) -> str:
 def table_protocols(runs: Sequence[Run]) -> list[str]:
     """Each run by both protocols, whole scan first: what a user gets on a new scan (sliding
     windows, the run's post-processing) beside the paper's VOI centred on the true lesion."""
-    header = ["run", "model", "alpha", "whole DSC", "whole HD95 mm", "whole |vol err| mL "
+    header = ["run", "model", "alpha", "whole DSC", "whole HD95 mm", "whole abs volume error mL "
               "(median)", "whole false positive mL (median)", "whole detected", "whole AUC",
               "VOI DSC", "VOI AUC"]
     rows = []
