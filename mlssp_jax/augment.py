@@ -27,7 +27,7 @@ NUM_SYMMETRIES = 48
 _PERMUTATIONS = tuple(itertools.permutations(range(3)))  # identity first
 
 
-def _parts(index: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def symmetry_parts(index: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The axis permutation and the flipped axes of symmetry ``index`` (perm * 8 + flip bits)."""
     if not 0 <= index < NUM_SYMMETRIES:
         raise ValueError(f"symmetry index must be in 0..47, got {index}")
@@ -42,7 +42,7 @@ def symmetry(index: int, volume: np.ndarray) -> np.ndarray:
     Transposes the spatial axes by the permutation, then flips the chosen axes. Trailing
     axes (e.g. channels) are untouched. Returns a numpy view where possible (no copy).
     """
-    perm, flips = _parts(index)
+    perm, flips = symmetry_parts(index)
     moved = np.transpose(volume, perm + tuple(range(3, volume.ndim)))
     return np.flip(moved, flips) if flips else moved
 
@@ -50,7 +50,7 @@ def symmetry(index: int, volume: np.ndarray) -> np.ndarray:
 @functools.cache
 def _matrix(index: int) -> np.ndarray:
     """Signed permutation matrix M of symmetry ``index``: out[M @ y] = in[y] (centred coords)."""
-    perm, flips = _parts(index)
+    perm, flips = symmetry_parts(index)
     matrix = np.zeros((3, 3), dtype=np.int64)
     matrix[np.arange(3), perm] = 1
     for axis in flips:

@@ -21,6 +21,7 @@ MODEL_NAMES = ("mlssp", "ynet", "he", "unet3d", "cnn")
 CONV_IMPLS = ("auto", "xla", "cpu", "onednn")
 DTYPES = ("float32", "bfloat16")
 SAMPLINGS = ("lesion", "whole_volume")
+SYNTH_PRESETS = ("default", "shifted")  # mlssp_jax.synth.settings.PRESETS
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,16 @@ class DataConfig:
     ``lesion_patch_fraction`` (nnU-Net: 1/3) centred on a random lesion voxel, the rest on a
     random brain voxel; a patch counts in the classification loss only if it holds at least
     ``cls_min_lesion_fraction`` of the lesion's voxels.
+
+    ``strip_*``: skull stripping (:mod:`mlssp_jax.skullstrip`), HU and mm on the resampled
+    grid: bone at or above ``strip_bone_hu``, its gaps closed by ``strip_bone_closing_mm``;
+    brain above ``strip_brain_min_hu``; bone-like (partial-volume bone) at or above
+    ``strip_bone_like_hu``, removed where connected to the skull within ``strip_rim_mm``;
+    hematoma cores where the HU smoothed by ``strip_smooth_mm`` (Gaussian sigma) is in
+    ``[strip_hematoma_min_hu, strip_hematoma_max_hu)`` and at least ``strip_core_mm`` deep,
+    protecting the bone-like voxels within ``strip_core_mm + strip_protect_mm``, where the
+    brain grows by up to ``strip_rim_grow_mm`` into the partial-volume rim below
+    ``strip_rim_max_hu``.
     """
 
     manifest: str = ""
@@ -42,6 +53,7 @@ class DataConfig:
     synth_avm: int = 38
     synth_seed: int = 0
     synth_small: bool = False
+    synth_preset: str = "default"
     spacing_mm: float = 1.0
     window_level_hu: float = 50.0
     window_width_hu: float = 100.0
@@ -50,6 +62,18 @@ class DataConfig:
     sampling: str = "lesion"
     lesion_patch_fraction: float = 1.0 / 3.0
     cls_min_lesion_fraction: float = 0.5
+    strip_bone_hu: float = 300.0
+    strip_bone_closing_mm: float = 2.0
+    strip_brain_min_hu: float = -20.0
+    strip_bone_like_hu: float = 100.0
+    strip_rim_mm: float = 10.0
+    strip_hematoma_min_hu: float = 50.0
+    strip_hematoma_max_hu: float = 100.0
+    strip_smooth_mm: float = 1.0
+    strip_core_mm: float = 2.5
+    strip_protect_mm: float = 10.0
+    strip_rim_grow_mm: float = 4.0
+    strip_rim_max_hu: float = 700.0
 
 
 @dataclass(frozen=True)
@@ -253,8 +277,11 @@ def validate(config: Config, where: str = "config") -> None:
            "data.voi_size must be a positive multiple of 16")
     _check(d.spacing_mm > 0, where, "data.spacing_mm must be > 0")
     _check(d.window_width_hu > 0, where, "data.window_width_hu must be > 0")
+    _validate_strip(d, where)
     _check(d.synth_subjects >= 2 and 0 <= d.synth_avm <= d.synth_subjects, where,
            "data.synth_avm must be in 0..data.synth_subjects")
+    _check(d.synth_preset in SYNTH_PRESETS, where,
+           f"data.synth_preset must be one of {', '.join(SYNTH_PRESETS)}")
     _check(a.voi_jitter_mm >= 0, where, "augment.voi_jitter_mm must be >= 0")
     _check(d.sampling in SAMPLINGS, where, f"data.sampling must be one of {SAMPLINGS}")
     _check(0.0 <= d.lesion_patch_fraction <= 1.0, where,
@@ -285,6 +312,21 @@ def validate(config: Config, where: str = "config") -> None:
            "train.postprocess_min_ml values must be > 0")
     _check(t.workers >= 0 and t.prefetch >= 0, where,
            "train.workers and train.prefetch must be >= 0")
+
+
+def _validate_strip(d: DataConfig, where: str) -> None:
+    """The skull-stripping fields: HU thresholds in order, margins >= 0 mm."""
+    for name in ("strip_bone_closing_mm", "strip_rim_mm", "strip_smooth_mm", "strip_core_mm",
+                 "strip_protect_mm", "strip_rim_grow_mm"):
+        _check(getattr(d, name) >= 0, where, f"data.{name} must be >= 0 (mm)")
+    below = (("strip_brain_min_hu", "strip_hematoma_min_hu"),
+             ("strip_hematoma_min_hu", "strip_bone_like_hu"),
+             ("strip_hematoma_min_hu", "strip_hematoma_max_hu"),
+             ("strip_bone_like_hu", "strip_bone_hu"), ("strip_hematoma_max_hu", "strip_bone_hu"),
+             ("strip_bone_hu", "strip_rim_max_hu"))
+    for low, high in below:
+        _check(getattr(d, low) < getattr(d, high), where,
+               f"data.{high} must be above data.{low} (HU)")
 
 
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:

@@ -15,13 +15,9 @@ the head. Each output voxel is sampled from the input through the composed affin
 as float (coverage from 2^3 linear samples per output voxel) and thresholded at 0.5, which
 preserves its volume (mL) and world centroid.
 
-Skull stripping (on the resampled HU, scipy.ndimage only): bone = HU >= ``BONE_HU``, closed
-to seal thin gaps; the intracranial cavity = what the skull encloses, filled slice by slice
-(axial) and in 3-D, with the edge of the scanned field of view acting as a wall where the
-slab cuts through the head; brain = cavity voxels above ``BRAIN_MIN_HU``, its largest
-component, holes filled (ventricles, hematoma, calcifications stay in), plus the one-voxel
-partial-volume rim against the skull. No erosion, so a hematoma against the inner table of
-the skull is kept; :func:`preprocess_volume` reports the fraction kept.
+Skull stripping (on the resampled HU): :func:`mlssp_jax.skullstrip.skull_strip`, with the
+edge of the scanned field of view acting as a wall where the slab cuts through the head;
+:func:`preprocess_volume` reports the fraction of the lesion kept.
 """
 
 from __future__ import annotations
@@ -44,7 +40,7 @@ from scipy import ndimage
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mlssp_jax import cache, masks, nifti, scans
+from mlssp_jax import cache, nifti, scans, skullstrip
 from mlssp_jax import config as config_lib
 from mlssp_jax import manifest as manifest_lib
 from mlssp_jax.cli import ArgumentParser, run_command, setup_logging
@@ -54,14 +50,10 @@ from mlssp_jax.fileio import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 4  # bump when the algorithm changes: invalidates every cache
+PREPROCESS_VERSION = 5  # bump when the algorithm changes: invalidates every cache
 AIR_HU = -1024.0  # value sampled outside the scanned field of view
 HEAD_HU = -300.0  # above this: head (for the bounding box of the output grid)
 HEAD_MARGIN_MM = 4.0  # margin around the head's bounding box
-BONE_HU = 300.0  # at or above this: skull (cortical bone 800-1500 HU, hematoma <= 100 HU)
-BONE_CLOSING_MM = 2  # closing radius sealing thin gaps in the partial-volumed skull
-BRAIN_MIN_HU = -20.0  # below this: not brain (CSF ~5 HU, fat -100, air -1000)
-RIM_MAX_HU = 700.0  # a voxel next to the brain below this is a brain/bone partial volume: kept
 MASK_THRESHOLD = 0.5  # the float-resampled mask is lesion where >= this
 MASK_SUPERSAMPLE = 2  # mask coverage per output voxel from SUPERSAMPLE^3 linear samples
 KEPT_WARN_FRACTION = 0.99  # log a warning if skull stripping keeps less of a lesion
@@ -72,9 +64,7 @@ def preprocessing_params(data_cfg: DataConfig) -> dict[str, Any]:
     return {"version": PREPROCESS_VERSION, "spacing_mm": data_cfg.spacing_mm,
             "window_level_hu": data_cfg.window_level_hu,
             "window_width_hu": data_cfg.window_width_hu, "air_hu": AIR_HU, "head_hu": HEAD_HU,
-            "head_margin_mm": HEAD_MARGIN_MM, "bone_hu": BONE_HU,
-            "bone_closing_mm": BONE_CLOSING_MM, "brain_min_hu": BRAIN_MIN_HU,
-            "rim_max_hu": RIM_MAX_HU,
+            "head_margin_mm": HEAD_MARGIN_MM, **skullstrip.params(data_cfg),
             "mask_threshold": MASK_THRESHOLD, "mask_supersample": MASK_SUPERSAMPLE}
 
 
@@ -126,19 +116,43 @@ def field_of_view(in_shape: tuple[int, ...], affine: np.ndarray, out_affine: np.
 
 
 def resample(data: np.ndarray, affine: np.ndarray, out_affine: np.ndarray,
-             shape: tuple[int, int, int], cval: float) -> np.ndarray:
+             shape: tuple[int, int, int], cval: float, fov: np.ndarray | None = None
+             ) -> np.ndarray:
     """Sample ``data`` (index grid of ``affine``) on the grid ``(shape, out_affine)``, linearly.
 
-    One ``ndimage.affine_transform`` with the composed map ``inv(affine) @ out_affine``. Up to
-    half a voxel beyond the input's edge the edge value is used (the voxel's extent); outside
-    the field of view (:func:`field_of_view`) the value is ``cval``. Returns float32.
+    One ``ndimage.affine_transform`` with the composed map ``inv(affine) @ out_affine``, or,
+    when that map is diagonal (the grids' axes parallel: no rotation, no axis swap), the same
+    trilinear interpolation as three 1-D passes (:func:`_resample_axis`; 2.9x faster on a
+    512x512x37 scan, equal to float32 rounding). Up to half a voxel beyond the input's edge
+    the edge value is used (the voxel's extent); outside the field of view (``fov``, default
+    :func:`field_of_view`) the value is ``cval``. Returns float32.
     """
     to_input = np.linalg.inv(affine) @ out_affine
-    out = ndimage.affine_transform(np.asarray(data, dtype=np.float32), to_input[:3, :3],
-                                   offset=to_input[:3, 3], output_shape=shape, order=1,
-                                   mode="nearest", output=np.float32)
-    out[~field_of_view(data.shape, affine, out_affine, shape)] = cval
+    linear = to_input[:3, :3]
+    if np.array_equal(linear, np.diag(np.diag(linear))):
+        out = np.asarray(data, dtype=np.float32)
+        for axis in range(3):
+            out = _resample_axis(out, axis, linear[axis, axis], to_input[axis, 3], shape[axis])
+    else:
+        out = ndimage.affine_transform(np.asarray(data, dtype=np.float32), linear,
+                                       offset=to_input[:3, 3], output_shape=shape, order=1,
+                                       mode="nearest", output=np.float32)
+    out[~(field_of_view(data.shape, affine, out_affine, shape) if fov is None else fov)] = cval
     return out
+
+
+def _resample_axis(data: np.ndarray, axis: int, scale: float, offset: float,
+                   size: int) -> np.ndarray:
+    """Linear interpolation along one axis at input coordinates ``scale * i + offset``,
+    i = 0..size-1, clamped to the edge values beyond the ends (``mode="nearest"``)."""
+    coord = np.clip(scale * np.arange(size) + offset, 0.0, data.shape[axis] - 1.0)
+    low = np.minimum(np.floor(coord).astype(int), data.shape[axis] - 2).clip(0)
+    frac = (coord - low).astype(np.float32)
+    shape = [1, 1, 1]
+    shape[axis] = size
+    frac = frac.reshape(shape)
+    high = np.minimum(low + 1, data.shape[axis] - 1)
+    return np.take(data, low, axis) * (1 - frac) + np.take(data, high, axis) * frac
 
 
 def _world_box_to_output(corners_index: np.ndarray, affine: np.ndarray, out_affine: np.ndarray,
@@ -179,40 +193,13 @@ def resample_mask(mask: np.ndarray, affine: np.ndarray, out_affine: np.ndarray,
     return out
 
 
-def _ball(radius: int) -> np.ndarray:
-    grid = np.indices((2 * radius + 1,) * 3) - radius
-    return (grid**2).sum(axis=0) <= radius**2
-
-
-def skull_strip(hu: np.ndarray, fov: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """Brain mask (bool, same shape) of a head CT in HU on an isotropic RAS grid (axis 2 axial).
-
-    ``fov`` (bool) marks the scanned field of view; its boundary closes the skull where the
-    scan's slab cuts through the head (partial coverage, gantry tilt), so the brain at the
-    first or last slices is kept.
-    Cavity = inside the (closed) skull, filled slice by slice in the axial plane and in 3-D;
-    brain = largest component of the cavity's soft tissue, with its holes filled, plus the
-    one-voxel rim of brain/bone partial volumes (``BRAIN_MIN_HU < HU < RIM_MAX_HU``), where a
-    hematoma against the inner table would otherwise lose its outermost voxels.
-    """
-    radius = max(1, round(BONE_CLOSING_MM / spacing_mm))
-    bone = ndimage.binary_closing(np.pad(hu >= BONE_HU, radius), _ball(radius))
-    bone = bone[(slice(radius, -radius),) * 3] | ~fov
-    axial = np.zeros((3, 3, 3), dtype=bool)
-    axial[:, :, 1] = ndimage.generate_binary_structure(2, 1)
-    inside = ndimage.binary_fill_holes(bone, axial) | ndimage.binary_fill_holes(bone)
-    brain = masks.largest_component(inside & ~bone & (hu > BRAIN_MIN_HU))
-    brain = ndimage.binary_fill_holes(brain, axial) | ndimage.binary_fill_holes(brain)
-    return brain | (ndimage.binary_dilation(brain) & (hu < RIM_MAX_HU) & (hu > BRAIN_MIN_HU))
-
-
 def preprocess_arrays(image_hu: np.ndarray, affine: np.ndarray, mask: np.ndarray | None,
                       data_cfg: DataConfig) -> dict[str, Any]:
     """:func:`preprocess_volume` on plain arrays: ``image_hu`` (I, J, K) HU, ``affine`` 4x4 mm."""
     shape, out_affine = output_grid(image_hu, affine, data_cfg.spacing_mm)
-    hu = resample(image_hu, affine, out_affine, shape, cval=AIR_HU)
     fov = field_of_view(image_hu.shape, affine, out_affine, shape)
-    brain = skull_strip(hu, fov, data_cfg.spacing_mm)
+    hu = resample(image_hu, affine, out_affine, shape, cval=AIR_HU, fov=fov)
+    brain = skullstrip.skull_strip(hu, fov, data_cfg)
     image = np.where(brain, window(hu, data_cfg.window_level_hu, data_cfg.window_width_hu), 0.0)
     stripped_hu = np.where(brain, hu, AIR_HU).astype(np.float16)
     if mask is None:

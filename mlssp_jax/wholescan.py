@@ -25,26 +25,12 @@ FP_DISTANCE_MM = 10.0  # SPEC.md: predicted voxels farther than this from the le
 SEG_KEYS = ("dsc", "hd95_mm", "volume_error_ml", "false_positive_ml", "detected")
 
 
-def brain_box(brain: np.ndarray, window: int) -> tuple[slice, ...]:
-    """Slices of the brain's bounding box, grown to at least ``window`` voxels per axis."""
-    if not brain.any():
-        return tuple(slice(0, s) for s in brain.shape)
-    box = []
-    for axis, size in enumerate(brain.shape):
-        hits = np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo, hi = int(hits[0]), int(hits[-1]) + 1
-        grow = max(0, window - (hi - lo))
-        lo = max(0, lo - grow // 2)
-        box.append(slice(lo, min(size, max(hi, lo + window))))
-    return tuple(box)
-
-
 def segment(image: np.ndarray, brain: np.ndarray, predict_fn: inference.PredictFn, window: int,
             overlap: float, batch_size: int, tta: bool = False,
             progress: bool = False) -> np.ndarray:
     """Segmentation probability (D, H, W) float32 of a preprocessed volume; 0 outside the
     brain's bounding box (the only part the sliding windows visit)."""
-    box = brain_box(brain, window)
+    box = inference.brain_box(brain, window)
     prob = np.zeros(image.shape, np.float32)
     prob[box] = inference.sliding_window_predict(image[box], predict_fn, window, overlap,
                                                  batch_size, tta, progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from mlssp_jax import inference
 
@@ -78,15 +79,86 @@ def test_tta_averages_over_the_48_symmetries():
     np.testing.assert_allclose(tta, 0.5 * volume, atol=1e-5)
 
 
-def test_ensemble_is_the_mean_and_keeps_missing_tasks():
-    def const(value):
-        return lambda x: {"seg_prob": np.full(x.shape, value), "cls_prob": None}
+@pytest.mark.parametrize("tta", ["flips", "all"])
+def test_tta_modes_on_the_host(tta):
+    """Equivariant identity: unchanged; a ramp along axis 0 averages to half the input (every
+    mode includes the flip of axis 0, which maps the ramp r to 1 - r)."""
+    volume = np.random.default_rng(3).random((16, 16, 16), dtype=np.float32)
+    same = inference.sliding_window_predict(volume, identity, 16, 0.5, 1, tta=tta)
+    np.testing.assert_allclose(same, volume, atol=1e-6)
+    ramp = np.linspace(0, 1, 16, dtype=np.float32)[:, None, None]
+    out = inference.sliding_window_predict(
+        volume, lambda x: {"seg_prob": x * ramp[None, ..., None]}, 16, 0.5, 1, tta=tta)
+    np.testing.assert_allclose(out, 0.5 * volume, atol=1e-5)
 
-    out = inference.ensemble([const(0.2), const(0.6)])(np.zeros((2, 4, 4, 4, 1)))
-    np.testing.assert_allclose(out["seg_prob"], 0.4)
-    assert out["cls_prob"] is None
-    with pytest.raises(ValueError):
-        inference.ensemble([])
+
+def window_mean_model(images):
+    """Toy model whose output depends on the whole window: input + the window's mean."""
+    return {"seg_prob": images + images.mean(axis=(1, 2, 3, 4), keepdims=True)}
+
+
+def test_brain_only_windows_equal_all_windows_inside_the_brain():
+    rng = np.random.default_rng(4)
+    volume = rng.random((40, 56, 48), dtype=np.float32)
+    brain = np.zeros(volume.shape, bool)
+    brain[5:20, 30:50, 3:30] = True
+    full = inference.sliding_window_predict(volume, window_mean_model, 16, 0.5, 3)
+    calls = []
+
+    def counted(images):
+        calls.append(1)
+        return window_mean_model(images)
+
+    some = inference.sliding_window_predict(volume, counted, 16, 0.5, 3, brain=brain)
+    np.testing.assert_allclose(some[brain], full[brain], rtol=1e-6)
+    kept = inference.window_starts(volume.shape, 16, 0.5, brain)
+    total = inference.window_starts(volume.shape, 16, 0.5)
+    assert len(calls) == -(-len(kept) // 3) and len(kept) < len(total) / 2
+    covered = np.zeros(volume.shape, bool)
+    for start in kept:
+        covered[tuple(slice(a, a + 16) for a in start)] = True
+    np.testing.assert_array_equal(some[~covered], 0.0)
+
+
+def test_uniform_weighting_is_the_plain_mean_of_overlapping_windows():
+    calls = []
+
+    def window_index(images):
+        calls.append(len(calls))
+        return {"seg_prob": np.full(images.shape, float(len(calls) - 1), np.float32)}
+
+    out = inference.sliding_window_predict(np.zeros((16, 16, 24)), window_index, 16, 0.5, 1,
+                                           gaussian=False)
+    np.testing.assert_allclose(out[:, :, 8:16], 0.5)
+    np.testing.assert_array_equal(out[:, :, 16:], 1.0)
+
+
+def oblique_case():
+    """A probability blob on a 1 mm grid and an oblique, anisotropic, larger input grid."""
+    rng = np.random.default_rng(5)
+    prob = np.zeros((30, 34, 28), np.float32)
+    prob[8:20, 10:25, 6:14] = rng.random((12, 15, 8))
+    prob_affine = np.eye(4)
+    prob_affine[:3, 3] = [-15, -17, -14]
+    angle = np.deg2rad(12)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0],
+                    [0, 0, -1]])
+    input_affine = np.eye(4)
+    input_affine[:3, :3] = rot @ np.diag([0.7, 0.6, 2.5])
+    input_affine[:3, 3] = [-20, -22, 15]
+    return prob, prob_affine, input_affine, (64, 70, 14)
+
+
+def test_resampling_the_box_equals_resampling_everything():
+    prob, prob_affine, input_affine, shape = oblique_case()
+    index_map = np.linalg.inv(prob_affine) @ input_affine
+    full = ndimage.affine_transform(prob, index_map[:3, :3], index_map[:3, 3], output_shape=shape,
+                                    order=1, mode="constant", cval=0.0)
+    for threshold in (0.05, 0.5, 0.9):
+        mask = inference.resample_mask(prob, prob_affine, input_affine, shape, threshold)
+        assert mask.dtype == np.uint8 and mask.sum() > 0
+        np.testing.assert_array_equal(mask, full >= threshold)
+    assert not inference.resample_mask(prob, prob_affine, input_affine, shape, 1.5).any()
 
 
 def two_blobs():
@@ -114,5 +186,7 @@ def test_classify_reads_the_voi_around_the_largest_lesion():
                                       batch_size=3)
     np.testing.assert_array_equal(centre, [10, 12, 14])
     assert prob == pytest.approx(27 / 16**3)  # the small blob lies outside this VOI
-    no_cls = inference.ensemble([lambda x: {"seg_prob": x, "cls_prob": None}])
+    def no_cls(x):
+        return {"seg_prob": x, "cls_prob": None}
+
     assert inference.classify(volume, mask * 1.0, no_cls, 16, 0.5)[0] is None

@@ -115,10 +115,15 @@ def test_bad_inputs_are_errors(tmp_path, capsys):
                  ["--workdir", str(tmp_path), "--image", str(tmp_path / "scan.txt")],
                  ["--workdir", str(tmp_path), "--image", str(tmp_path)],
                  ["--workdir", str(tmp_path), "--image", str(tmp_path / "scan.txt"),
-                  "--overlap", "1.5"]):
+                  "--overlap", "1.5"],
+                 ["--workdir", str(tmp_path), "--image", str(tmp_path / "scan.txt"),
+                  "--window", "40"]):
         assert run_command(predict.main, argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_info:  # argparse's choices, before run_command
+        predict.main(["--workdir", str(tmp_path), "--image", "x.nii", "--tta", "rotations"])
+    assert exit_info.value.code == 2 and "--tta" in capsys.readouterr().err
 
 
 def test_a_run_without_segmentation_or_finished_folds_is_refused(tmp_path):
@@ -135,7 +140,8 @@ def test_a_run_without_segmentation_or_finished_folds_is_refused(tmp_path):
 def test_command_writes_mask_and_json_on_the_inputs_grid(tiny_run, tiny_cohort, tmp_path):
     scans = [s.image for s in manifest.read_manifest(tiny_cohort)[:2]]
     argv = ["--workdir", str(tiny_run), "--image", *map(str, scans), "--out",
-            str(tmp_path / "out"), "--batch-size", "16", "--overlap", "0"]
+            str(tmp_path / "out"), "--batch-size", "4", "--overlap", "0", "--tta", "flips",
+            "--window", "32"]
     assert run_command(predict.main, argv) == 0
     for scan in scans:
         name = scan_name(scan)
@@ -144,6 +150,7 @@ def test_command_writes_mask_and_json_on_the_inputs_grid(tiny_run, tiny_cohort, 
                                require_lesion=False)
         assert mask.data.shape == image.data.shape
         record = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        assert record["tta"] == "flips" and record["window"] == 32
         voxel_ml = abs(np.linalg.det(image.affine[:3, :3])) / 1000
         assert record["volume_ml"] == pytest.approx(mask.data.sum() * voxel_ml)
         assert record["folds"] == [0] and 0 <= record["avm_probability"] <= 1
