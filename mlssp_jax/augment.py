@@ -1,4 +1,5 @@
-"""Training augmentation of a VOI: the 48 cube symmetries and optional scipy random transforms.
+"""Training augmentation of a VOI: the 48 cube symmetries, optional scipy random transforms,
+and (before windowing, :func:`hu_transform`) a scanner's look in HU.
 
 An example is a dict ``{"image": (S, S, S) float32 in [0, 1], "mask": (S, S, S) 0/1, "label"}``
 on a 1 mm grid. Every transform applies identically to image and mask, keeps the mask
@@ -161,6 +162,61 @@ def intensity_transform(image: np.ndarray, rng: np.random.Generator,
     gamma = np.exp(rng.uniform(-cfg.gamma_range, cfg.gamma_range))
     noisy = np.power(np.clip(image, 0.0, 1.0), gamma) + rng.normal(0.0, cfg.noise_std, image.shape)
     return np.clip(noisy, 0.0, 1.0).astype(np.float32)
+
+
+def _masked_filter(hu: np.ndarray, brain: np.ndarray, sigma_vox) -> np.ndarray:
+    """Gaussian filter of ``hu`` inside ``brain`` only (normalised convolution): the
+    background outside the skull-stripped brain does not bleed into it."""
+    weight = ndimage.gaussian_filter(brain.astype(np.float32), sigma_vox, mode="nearest")
+    blurred = ndimage.gaussian_filter(np.where(brain, hu, 0.0).astype(np.float32), sigma_vox,
+                                      mode="nearest")
+    return np.where(brain, blurred / np.maximum(weight, 1e-6), hu).astype(np.float32)
+
+
+def point_spread(hu: np.ndarray, brain: np.ndarray, rng: np.random.Generator,
+                 cfg: AugmentConfig, spacing_mm: float) -> np.ndarray:
+    """A random blur (sigma U(0, ``blur_sigma_max_mm``)) or sharpening (unsharp mask of
+    amount U(0, ``sharpen_max``), sigma 1 voxel), one of the two enabled, inside the brain."""
+    sharpen = cfg.sharpen_max > 0 and (cfg.blur_sigma_max_mm == 0 or rng.random() < 0.5)
+    if sharpen:
+        amount = rng.uniform(0.0, cfg.sharpen_max)
+        return hu + amount * (hu - _masked_filter(hu, brain, 1.0))
+    sigma_vox = rng.uniform(0.0, cfg.blur_sigma_max_mm) / spacing_mm
+    return _masked_filter(hu, brain, sigma_vox) if sigma_vox > 0 else hu
+
+
+def slice_thickness(hu: np.ndarray, brain: np.ndarray, rng: np.random.Generator,
+                    cfg: AugmentConfig, spacing_mm: float) -> np.ndarray:
+    """Through-plane blur along axis 2 (superior): a Gaussian with the variance of a slice
+    profile of thickness U(0, ``slice_thickness_max_mm``) (box of width t: sd t / sqrt 12)."""
+    sigma_vox = rng.uniform(0.0, cfg.slice_thickness_max_mm) / np.sqrt(12.0) / spacing_mm
+    return _masked_filter(hu, brain, (0.0, 0.0, sigma_vox)) if sigma_vox > 0 else hu
+
+
+def hu_transform(example: dict[str, Any], rng: np.random.Generator,
+                 cfg: AugmentConfig) -> dict[str, Any]:
+    """A scanner's look on the skull-stripped HU, before windowing (each part off at 0).
+
+    ``example``: ``hu`` (S, S, S) HU, ``brain`` (S, S, S) bool, ``spacing_mm``. In order:
+    point spread, slice thickness, contrast ``hu * U(1 +- hu_scale_fraction)`` about 0 HU
+    plus ``U(+-hu_offset)`` HU, Gaussian noise of sd U(0, ``hu_noise_max``) HU. Voxels
+    outside the brain are unchanged (windowing zeroes them). No draw for a part that is off.
+    """
+    hu, brain, spacing = np.asarray(example["hu"], np.float32), example["brain"], \
+        float(example["spacing_mm"])
+    if cfg.blur_sigma_max_mm > 0 or cfg.sharpen_max > 0:
+        hu = point_spread(hu, brain, rng, cfg, spacing)
+    if cfg.slice_thickness_max_mm > 0:
+        hu = slice_thickness(hu, brain, rng, cfg, spacing)
+    if cfg.hu_scale_fraction > 0:
+        hu = np.where(brain, hu * rng.uniform(1 - cfg.hu_scale_fraction,
+                                              1 + cfg.hu_scale_fraction), hu)
+    if cfg.hu_offset > 0:
+        hu = np.where(brain, hu + rng.uniform(-cfg.hu_offset, cfg.hu_offset), hu)
+    if cfg.hu_noise_max > 0:
+        noise = rng.normal(0.0, rng.uniform(0.0, cfg.hu_noise_max), hu.shape)
+        hu = np.where(brain, hu + noise, hu)
+    return {**example, "hu": hu.astype(np.float32)}
 
 
 def random_transform(example: dict[str, Any], rng: np.random.Generator,

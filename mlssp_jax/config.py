@@ -22,6 +22,7 @@ MODEL_NAMES = ("mlssp", "ynet", "he", "unet3d", "cnn")
 CONV_IMPLS = ("auto", "xla", "cpu", "onednn")
 DTYPES = ("float32", "bfloat16")
 CLS_POOLINGS = ("global", "lesion")
+SAMPLINGS = ("lesion", "whole_volume")
 SYNTH_PRESETS = ("default", "shifted")  # mlssp_jax.synth.settings.PRESETS
 
 
@@ -30,6 +31,14 @@ class DataConfig:
     """Where the scans come from and how they are preprocessed.
 
     ``manifest`` empty means the built-in synthetic cohort (``synth_*`` fields).
+
+    ``sampling``: ``"lesion"`` (the paper: training VOIs centred on the lesion, see
+    ``augment.voi_jitter_mm``/``background_fraction``) or ``"whole_volume"`` (patches drawn
+    from the whole preprocessed volume, :mod:`mlssp_jax.patches`): a share
+    ``lesion_patch_fraction`` (nnU-Net: 1/3) centred on a random lesion voxel, the rest on a
+    random brain voxel; a patch counts in the classification loss only if it holds at least
+    ``cls_min_lesion_fraction`` of the lesion's voxels.
+
     ``strip_*``: skull stripping (:mod:`mlssp_jax.skullstrip`), HU and mm on the resampled
     grid: bone at or above ``strip_bone_hu``, its gaps closed by ``strip_bone_closing_mm``;
     brain above ``strip_brain_min_hu``; bone-like (partial-volume bone) at or above
@@ -52,6 +61,9 @@ class DataConfig:
     window_width_hu: float = 100.0
     voi_size: int = 64
     cache_dir: str = ""
+    sampling: str = "lesion"
+    lesion_patch_fraction: float = 1.0 / 3.0
+    cls_min_lesion_fraction: float = 0.5
     strip_bone_hu: float = 300.0
     strip_bone_closing_mm: float = 2.0
     strip_brain_min_hu: float = -20.0
@@ -74,6 +86,14 @@ class AugmentConfig:
     a uniformly drawn brain voxel instead of the lesion (as nnU-Net samples part of its
     patches at random), so the network also sees VOIs with little or no lesion; those
     samples do not count in the classification loss. 0 (the paper): always the lesion.
+
+    Scanner look, on the skull-stripped HU before windowing (:func:`augment.hu_transform`;
+    0 = off, the paper): ``hu_offset`` (HU, offset drawn in +-), ``hu_scale_fraction``
+    (contrast about 0 HU scaled by 1 +- it), ``hu_noise_max`` (Gaussian noise, sd drawn in
+    0..it HU), ``blur_sigma_max_mm`` / ``sharpen_max`` (point spread: a Gaussian blur of
+    sigma in 0..it mm, or an unsharp mask of amount in 0..it; one of the two per sample),
+    ``slice_thickness_max_mm`` (through-plane blur of a slice thickness in 0..it mm along the
+    superior axis). ``intensity`` adds gamma and noise on the windowed image.
     """
 
     symmetries: bool = True
@@ -88,6 +108,12 @@ class AugmentConfig:
     intensity: bool = False
     gamma_range: float = 0.2
     noise_std: float = 0.02
+    hu_offset: float = 0.0
+    hu_scale_fraction: float = 0.0
+    hu_noise_max: float = 0.0
+    blur_sigma_max_mm: float = 0.0
+    sharpen_max: float = 0.0
+    slice_thickness_max_mm: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +152,14 @@ class TrainConfig:
     [e^-max, e^-min]). ``temperature_scaling``: fit a temperature on the inner-validation
     logits of the best checkpoint and apply it to the held-out probabilities.
     ``calibration_bins``: the equal-width bins of the expected calibration error.
+    ``patches_per_subject``: training samples drawn per subject and epoch.
+    ``seg_bce_weight``: voxel cross-entropy added to the Dice (:func:`losses.total_loss`;
+    0 = the paper); ``batch_dice``: the Dice over the whole batch (false = the paper's
+    per-sample mean). Inner validation and selection: the VOI protocol for
+    ``data.sampling = "lesion"``; whole scans for ``"whole_volume"`` (sliding windows with
+    ``val_overlap``, cheaper than predict's 0.5),
+    which also chooses the post-processing among none, the largest component, and dropping
+    components under each of ``postprocess_min_ml`` (mL).
     """
 
     alpha: float | str = 0.4
@@ -139,6 +173,11 @@ class TrainConfig:
     num_folds: int = 5
     inner_val_fraction: float = 0.15
     threshold: float = 0.5
+    patches_per_subject: int = 1
+    seg_bce_weight: float = 0.0
+    batch_dice: bool = False
+    val_overlap: float = 0.0
+    postprocess_min_ml: tuple[float, ...] = (0.5, 1.0, 2.0)
     workers: int = 2
     prefetch: int = 2
     log_every_steps: int = 10
@@ -189,6 +228,10 @@ def _section_class(name: str) -> type:
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check ``value`` against a field annotation (given as a string), converting ints to floats."""
     hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation  # noqa: S307
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a TOML array
+        if not isinstance(value, list | tuple):
+            raise InputError(f"{where}: expected an array, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(hint)[0], where) for v in value)
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     for option in options:
         if option is bool and isinstance(value, bool):
@@ -287,6 +330,15 @@ def validate(config: Config, where: str = "config") -> None:
     _check(d.synth_preset in SYNTH_PRESETS, where,
            f"data.synth_preset must be one of {', '.join(SYNTH_PRESETS)}")
     _check(a.voi_jitter_mm >= 0, where, "augment.voi_jitter_mm must be >= 0")
+    _check(d.sampling in SAMPLINGS, where, f"data.sampling must be one of {SAMPLINGS}")
+    _check(0.0 <= d.lesion_patch_fraction <= 1.0, where,
+           "data.lesion_patch_fraction must be in [0, 1]")
+    _check(0.0 <= d.cls_min_lesion_fraction <= 1.0, where,
+           "data.cls_min_lesion_fraction must be in [0, 1]")
+    for name in ("hu_offset", "hu_noise_max", "blur_sigma_max_mm", "sharpen_max",
+                 "slice_thickness_max_mm"):
+        _check(getattr(a, name) >= 0, where, f"augment.{name} must be >= 0")
+    _check(0.0 <= a.hu_scale_fraction < 1.0, where, "augment.hu_scale_fraction must be in [0, 1)")
     _check(0.0 <= a.background_fraction < 1.0, where,
            "augment.background_fraction must be in [0, 1)")
     if isinstance(t.alpha, str):
@@ -300,6 +352,11 @@ def validate(config: Config, where: str = "config") -> None:
     _check(t.num_folds >= 2, where, "train.num_folds must be >= 2")
     _check(0.0 <= t.inner_val_fraction < 0.5, where, "train.inner_val_fraction must be in [0, 0.5)")
     _check(0.0 < t.threshold < 1.0, where, "train.threshold must be in (0, 1)")
+    _check(t.seg_bce_weight >= 0, where, "train.seg_bce_weight must be >= 0")
+    _check(t.patches_per_subject >= 1, where, "train.patches_per_subject must be >= 1")
+    _check(0.0 <= t.val_overlap < 1.0, where, "train.val_overlap must be in [0, 1)")
+    _check(all(v > 0 for v in t.postprocess_min_ml), where,
+           "train.postprocess_min_ml values must be > 0")
     _check(t.workers >= 0 and t.prefetch >= 0, where,
            "train.workers and train.prefetch must be >= 0")
     _check(t.auto_weight_lr >= 0, where, "train.auto_weight_lr must be >= 0")
@@ -354,6 +411,8 @@ def to_toml(config: Config) -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, str):
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}"'

@@ -5,7 +5,9 @@ metrics are computed once on the pooled out-of-fold probabilities (as the paper 
 80 subjects). Every metric gets a seeded bootstrap 95% confidence interval over subjects.
 ``summary.json`` has eval.json's layout (``segmentation``/``classification`` with the same
 metric keys and ``per_subject`` lists) plus ``ci95`` per task, ``folds``, ``missing_folds``,
-``n_subjects`` and the bootstrap settings.
+``n_subjects`` and the bootstrap settings. ``whole_scan`` pools eval.json's whole-scan blocks
+the same way (its segmentation also gives the medians of ``MEDIAN_KEYS``); null if no fold
+has one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlssp_jax import cli, metrics, rundir
+from mlssp_jax import cli, metrics, rundir, wholescan
 from mlssp_jax.errors import InputError
 from mlssp_jax.rundir import CLS_KEYS, SEG_KEYS
 
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
+MEDIAN_KEYS = ("false_positive_ml", "volume_error_ml")  # whole scan: typical, not mean
 
 
 def _as_float(value) -> float:
@@ -49,7 +52,8 @@ def _estimate_and_ci(statistic, *arrays: np.ndarray, n_resamples: int,
     return estimate, [float(b) if np.isfinite(b) else None for b in (low, high)]
 
 
-def pool_segmentation(evals: Sequence[dict], n_resamples: int, seed: int) -> dict | None:
+def pool_segmentation(evals: Sequence[dict], n_resamples: int, seed: int,
+                      metric_keys: Sequence[str] = SEG_KEYS) -> dict | None:
     """Mean of each per-subject segmentation metric over all subjects, with bootstrap CIs.
 
     Undefined per-subject values (null/NaN) are left out of the mean. None if no fold has
@@ -59,7 +63,7 @@ def pool_segmentation(evals: Sequence[dict], n_resamples: int, seed: int) -> dic
     if not rows:
         return None
     # a run made before hd95_mm/volume_error_ml were recorded pools the metrics it has
-    keys = [k for k in SEG_KEYS if any(k in row for row in rows)]
+    keys = [k for k in metric_keys if any(k in row for row in rows)]
     pooled, ci95 = {}, {}
     for key in keys:
         column = np.array([_as_float(row.get(key)) for row in rows])
@@ -107,7 +111,25 @@ def summarize(workdir: str | Path, n_resamples: int = DEFAULT_RESAMPLES,
     return {"model": cfg.model.name, "alpha": cfg.train.alpha, "folds": sorted(evals),
             "missing_folds": missing, "n_subjects": n_subjects,
             "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": 0.95},
-            "segmentation": seg, "classification": cls}
+            "segmentation": seg, "classification": cls,
+            "whole_scan": pool_whole_scan(ordered, cfg.train.threshold, n_resamples, seed)}
+
+
+def pool_whole_scan(evals: Sequence[dict], threshold: float, n_resamples: int,
+                    seed: int) -> dict | None:
+    """eval.json's ``whole_scan`` blocks pooled as the VOI protocol's, plus ``median_<key>``
+    for :data:`MEDIAN_KEYS`; None if no fold has one (a run made before it, or no
+    segmentation)."""
+    blocks = [e["whole_scan"] for e in evals if e.get("whole_scan")]
+    if not blocks:
+        return None
+    seg = pool_segmentation(blocks, n_resamples, seed, wholescan.SEG_KEYS)
+    if seg is not None:
+        for key in MEDIAN_KEYS:
+            values = [row[key] for row in seg["per_subject"] if row.get(key) is not None]
+            seg[f"median_{key}"] = float(np.median(values)) if values else None
+    return {"segmentation": seg,
+            "classification": pool_classification(blocks, threshold, n_resamples, seed)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

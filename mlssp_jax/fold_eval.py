@@ -163,10 +163,11 @@ def _with_temperature(preds: list[dict], temperature: float) -> list[dict]:
 
 def evaluate_fold(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
                   examples: list[dict], workdir: Path, fold: int, mesh: Mesh,
-                  temperature: float = 1.0) -> dict:
+                  temperature: float = 1.0, whole_scan: dict | None = None) -> dict:
     """Predict the held-out VOIs with ``predict_fn`` (the one compiled for validation, from
-    :func:`~mlssp_jax.train_step.make_predict_fn`); write ``W/fold_K/eval.json`` (SPEC.md)
-    and ``W/fold_K/predictions/``.
+    :func:`~mlssp_jax.train_step.make_predict_fn`); write ``W/fold_K/eval.json`` (SPEC.md,
+    with the ``whole_scan`` block given, :mod:`mlssp_jax.wholescan_eval`) and
+    ``W/fold_K/predictions/``.
 
     ``temperature`` (:func:`fit_fold_temperature`) rescales the classification
     probabilities; it is recorded in ``classification.temperature``.
@@ -179,7 +180,7 @@ def evaluate_fold(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
         classification["temperature"] = temperature
     result = {"fold": fold, "alpha": config.train.alpha, "model": config.model.name,
               "segmentation": segmentation_result(preds, threshold, config.data.spacing_mm),
-              "classification": classification}
+              "classification": classification, "whole_scan": whole_scan}
     if parallel.is_main_process():
         save_predictions(rundir.predictions_dir(workdir, fold), preds, threshold)
         rundir.write_eval(workdir, fold, result)

@@ -25,8 +25,8 @@ import grain
 import numpy as np
 from absl import flags
 
-from mlssp_jax import augment, voi
-from mlssp_jax.config import AugmentConfig, Config
+from mlssp_jax import augment, patches, preprocess, voi
+from mlssp_jax.config import Config
 from mlssp_jax.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -87,29 +87,45 @@ def _centre_crop(array: np.ndarray, size: int, offset: np.ndarray) -> np.ndarray
 
 
 class TrainTransform:
-    """grain random map: pick the VOI (the lesion's, its centre jittered by at most the
-    examples' margin, or with probability ``augment.background_fraction`` one centred on a
-    uniformly drawn brain voxel), augment, and format one training example.
+    """grain random map: pick the training patch, augment, and format one training example.
 
-    ``cls_weight`` is 0 for a background VOI (its label says nothing about what it shows)
-    and 1 otherwise.
+    ``data.sampling = "lesion"``: the lesion's VOI, its centre jittered by at most the
+    examples' margin, or with probability ``augment.background_fraction`` one centred on a
+    uniformly drawn brain voxel (``cls_weight`` 0: its label says nothing about what it
+    shows). ``"whole_volume"``: :func:`patches.sample_patch` of the whole volume, then the
+    scanner look in HU (:func:`augment.hu_transform`), then windowing.
     """
 
-    def __init__(self, voi_size: int, augment_cfg: AugmentConfig, spacing_mm: float):
-        self.voi_size = voi_size
-        self.augment_cfg = augment_cfg
-        self.spacing_mm = spacing_mm  # the grid's voxel size: mm lengths -> voxels
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.voi_size = cfg.data.voi_size
+        self.augment_cfg = cfg.augment
+        self.spacing_mm = cfg.data.spacing_mm  # the grid's voxel size: mm lengths -> voxels
 
     def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        fraction = self.augment_cfg.background_fraction
-        background = fraction > 0 and rng.random() < fraction  # no draw at 0: same as before
-        cropped = self._background_voi(example, rng) if background else self._lesion_voi(
-            example, rng)
+        if self.cfg.data.sampling == "whole_volume":
+            cropped, weight = self._volume_patch(example, rng)
+        else:
+            fraction = self.augment_cfg.background_fraction
+            background = fraction > 0 and rng.random() < fraction  # no draw at 0: as before
+            cropped = self._background_voi(example, rng) if background else self._lesion_voi(
+                example, rng)
+            weight = np.float32(0.0 if background else 1.0)
         out = augment.random_transform(cropped, rng, self.augment_cfg, self.spacing_mm)
         return {"image": out["image"][..., None].astype(np.float32),
                 "mask": out["mask"][..., None].astype(np.float32),
-                "label": np.float32(out["label"]),
-                "cls_weight": np.float32(0.0 if background else 1.0)}
+                "label": np.float32(out["label"]), "cls_weight": np.float32(weight)}
+
+    def _volume_patch(self, example: dict[str, Any],
+                      rng: np.random.Generator) -> tuple[dict[str, Any], np.float32]:
+        d = self.cfg.data
+        patch = patches.sample_patch(example, rng, self.voi_size, d.lesion_patch_fraction,
+                                     d.cls_min_lesion_fraction)
+        patch = augment.hu_transform(patch, rng, self.augment_cfg)
+        image = np.where(patch["brain"], preprocess.window(patch["hu"], d.window_level_hu,
+                                                d.window_width_hu), 0.0)
+        return {"image": image.astype(np.float32), "mask": patch["mask"],
+                "label": patch["label"]}, patch["cls_weight"]
 
     def _lesion_voi(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         margin = (example["image"].shape[0] - self.voi_size) // 2
@@ -145,13 +161,13 @@ def train_dataset(examples: Sequence[dict[str, Any]], cfg: Config, seed: int, ep
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
     """This host's batches of one epoch as a grain ``MapDataset`` (random access, no workers)."""
     global_batch = cfg.train.batch_size
-    local_batch = _check_batching(len(examples), global_batch, process_count)
-    steps = steps_per_epoch(len(examples), global_batch)
+    samples = list(examples) * cfg.train.patches_per_subject  # references, not copies
+    local_batch = _check_batching(len(samples), global_batch, process_count)
+    steps = steps_per_epoch(len(samples), global_batch)
     ds_seed = epoch_seed(seed, epoch)
-    ds = (grain.MapDataset.source(list(examples))
+    ds = (grain.MapDataset.source(samples)
           .shuffle(seed=ds_seed)
-          .random_map(TrainTransform(cfg.data.voi_size, cfg.augment, cfg.data.spacing_mm),
-                      seed=ds_seed)
+          .random_map(TrainTransform(cfg), seed=ds_seed)
           .batch(local_batch, drop_remainder=True))
     return ds[process_index:steps * process_count:process_count]
 
@@ -159,7 +175,8 @@ def train_dataset(examples: Sequence[dict[str, Any]], cfg: Config, seed: int, ep
 def train_batches(examples: Sequence[dict[str, Any]], cfg: Config, seed: int, epoch: int, *,
                   process_index: int = 0,
                   process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Iterate this host's batches of one epoch (``steps_per_epoch`` of them).
+    """Iterate this host's batches of one epoch (``steps_per_epoch`` of ``len(examples) *
+    train.patches_per_subject`` samples).
 
     Each batch: ``image``/``mask`` (b, S, S, S, 1) float32, ``label`` and ``cls_weight``
     (b,) float32 with ``b = train.batch_size / process_count`` (``cls_weight`` 0 marks the

@@ -68,10 +68,37 @@ def _batch_mean(per_sample: jax.Array, weights: jax.Array | None) -> jax.Array:
     return jnp.sum(per_sample * weights) / jnp.where(total > 0, total, 1.0)
 
 
+def batch_dice_loss(seg_logits: jax.Array, mask: jax.Array, weights: jax.Array | None = None,
+                    eps: float = 1.0) -> jax.Array:
+    """Soft Dice over the whole batch (nnU-Net's ``batch_dice``): one ratio of sums over every
+    voxel of every (weighted) sample, so a patch without lesion adds its false positives to
+    the denominator instead of being a sample whose only goal is an empty prediction."""
+    p = jax.nn.sigmoid(seg_logits.astype(jnp.float32))
+    g = mask.astype(jnp.float32)
+    w = jnp.ones(p.shape[:1]) if weights is None else weights.astype(jnp.float32)
+    w = w.reshape((-1,) + (1,) * (p.ndim - 1))
+    overlap = jnp.sum(w * p * g)
+    return 1.0 - (2.0 * overlap + eps) / (jnp.sum(w * p) + jnp.sum(w * g) + eps)
+
+
+def voxel_bce_loss(seg_logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean voxel-wise binary cross-entropy per sample: (B, D, H, W, 1) -> (B,) nats."""
+    per_voxel = optax.sigmoid_binary_cross_entropy(seg_logits.astype(jnp.float32),
+                                                   mask.astype(jnp.float32))
+    return jnp.mean(per_voxel, axis=tuple(range(1, per_voxel.ndim)))
+
+
 def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str,
                log_vars: jax.Array | None = None,
-               class_weights: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               class_weights: jax.Array | None = None, seg_bce_weight: float = 0.0,
+               batch_dice: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training objective and its parts.
+
+    The segmentation loss is the soft Dice, plus ``seg_bce_weight`` times the voxel-wise
+    cross-entropy when that is > 0 (nnU-Net's Dice + CE: on patches without lesion the Dice
+    alone pulls towards predicting nothing anywhere; the paper: 0). Its parts are reported
+    as ``dice`` and ``seg_bce``. ``batch_dice``: the Dice of the whole batch
+    (:func:`batch_dice_loss`) instead of the mean of the per-sample Dice (the paper's).
 
     Both tasks present (``outputs["seg"]`` and ``outputs["cls"]`` not None):
 
@@ -99,8 +126,14 @@ def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str
     """
     valid = batch.get("valid")
     aux: dict[str, jax.Array] = {}
+    seg_loss = None
     if outputs.get("seg") is not None:
-        aux["dice"] = _batch_mean(dice_loss(outputs["seg"], batch["mask"]), valid)
+        aux["dice"] = seg_loss = (
+            batch_dice_loss(outputs["seg"], batch["mask"], valid) if batch_dice
+            else _batch_mean(dice_loss(outputs["seg"], batch["mask"]), valid))
+        if seg_bce_weight > 0:
+            aux["seg_bce"] = _batch_mean(voxel_bce_loss(outputs["seg"], batch["mask"]), valid)
+            seg_loss = aux["dice"] + seg_bce_weight * aux["seg_bce"]
     if outputs.get("cls") is not None:
         weights = batch.get("cls_weight")
         if valid is not None:
@@ -113,17 +146,17 @@ def total_loss(outputs: Outputs, batch: dict[str, jax.Array], alpha: float | str
         aux["bce"] = _batch_mean(per_sample, weights)
     if not aux:
         raise ValueError("outputs has neither 'seg' nor 'cls'")
-    if len(aux) == 1:
-        return next(iter(aux.values())), aux
+    if "bce" not in aux or seg_loss is None:
+        return (aux["bce"] if seg_loss is None else seg_loss), aux
     if alpha == "auto":
         if log_vars is None:
             raise ValueError("alpha='auto' needs log_vars (2,)")
-        parts = jnp.stack([aux["dice"], aux["bce"]])
+        parts = jnp.stack([seg_loss, aux["bce"]])
         weights = jnp.exp(-log_vars)
         aux.update(weight_dice=weights[0], weight_bce=weights[1],
                    log_var_dice=log_vars[0], log_var_bce=log_vars[1])
         return jnp.sum(weights * parts + log_vars), aux
-    return alpha * aux["dice"] + (1.0 - alpha) * aux["bce"], aux
+    return alpha * seg_loss + (1.0 - alpha) * aux["bce"], aux
 
 
 __all__ = ["bce_loss", "class_balance_weights", "dice_loss", "total_loss"]

@@ -38,11 +38,13 @@ from mlssp_jax import (
     metrics,
     models,
     nifti,
+    postprocess,
     preprocess,
     rundir,
     scan_outputs,
     scans,
     verify,
+    wholescan,
 )
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError
@@ -93,7 +95,8 @@ resample_to_input = inference.resample_mask
 def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.PredictFn,
                  cfg: config_lib.Config, overlap: float = DEFAULT_OVERLAP,
                  batch_size: int = DEFAULT_BATCH, window: int | None = None,
-                 gaussian: bool = True, timings: dict | None = None) -> dict:
+                 gaussian: bool = True, timings: dict | None = None,
+                 rule: dict | None = None) -> dict:
     """Mask (uint8, the input's shape), ``volume_ml``, ``avm_probability`` and the largest
     predicted lesion's ``descriptors`` of one scan.
 
@@ -114,6 +117,10 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
     prob[box] = inference.sliding_window_predict(
         pre["image"][box], windows_fn, window, overlap, batch_size, progress=True,
         brain=pre["brain"][box], gaussian=gaussian)
+    found = metrics.binarize(prob, threshold)  # post-processing (None: brain only)
+    kept = postprocess.apply(found, pre["brain"], rule or postprocess.NONE,
+                             wholescan.voxel_ml(cfg.data.spacing_mm))
+    prob = np.where(found & ~kept, 0.0, prob)  # removed components become background
     clock.lap("windows")
     avm_probability, centre = inference.classify(pre["image"], prob, voi_fn, cfg.data.voi_size,
                                                  threshold)
@@ -202,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     window = args.window or cfg.data.voi_size
     info = {"model": cfg.model.name, "folds": folds, "threshold": cfg.train.threshold,
             "tta": args.tta, "overlap": args.overlap, "window": window}
+    rule = postprocess.ensemble_rule(args.workdir, folds)
+    info["postprocessing"] = rule
     rows = []
     with staged_outputs(args.out) as stage:  # into --out only once every scan succeeded
         for path in tqdm(paths, desc="predict", unit="scan"):
@@ -211,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             image = scans.load_scan(path)
             clock.lap("load")
             result = predict_scan(image, model, cfg, args.overlap, args.batch_size, window,
-                                  not args.no_gaussian, timings)
+                                  not args.no_gaussian, timings, rule)
             clock = _Clock(timings)
             row = scan_outputs.write_scan(stage, path, image, result, info, args.dicom_seg)
             clock.lap("write")

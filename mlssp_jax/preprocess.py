@@ -3,7 +3,9 @@
 ``python -m mlssp_jax.preprocess [--data MANIFEST] --out DIR [--workers N]`` writes
 ``DIR/<subject_id>.npz`` per SPEC.md: ``image`` float32 (D, H, W) in [0, 1] (WL 50 / WW 100,
 0 outside the brain), ``brain`` uint8, ``mask`` uint8, ``affine`` (4, 4) float64 mapping an
-output array index to the input's world mm, plus ``lesion_kept_fraction`` and ``cache_key``.
+output array index to the input's world mm, plus ``hu`` float16 (the skull-stripped HU,
+``AIR_HU`` outside the brain: ``window(hu) == image``, for augmenting before windowing),
+``lesion_kept_fraction`` and ``cache_key``.
 
 Geometry is handled in physical space, so any input orientation (RAS, LPS, oblique) and
 spacing gives the same output. The output grid is axis-aligned with the world (RAS+ canonical:
@@ -47,7 +49,7 @@ from mlssp_jax.fileio import atomic_path, inside, staged_outputs, write_json
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 4  # bump when the algorithm changes: invalidates every cache
+PREPROCESS_VERSION = 5  # bump when the algorithm changes: invalidates every cache
 AIR_HU = -1024.0  # value sampled outside the scanned field of view
 HEAD_HU = -300.0  # above this: head (for the bounding box of the output grid)
 HEAD_MARGIN_MM = 4.0  # margin around the head's bounding box
@@ -198,6 +200,7 @@ def preprocess_arrays(image_hu: np.ndarray, affine: np.ndarray, mask: np.ndarray
     hu = resample(image_hu, affine, out_affine, shape, cval=AIR_HU, fov=fov)
     brain = skullstrip.skull_strip(hu, fov, data_cfg)
     image = np.where(brain, window(hu, data_cfg.window_level_hu, data_cfg.window_width_hu), 0.0)
+    stripped_hu = np.where(brain, hu, AIR_HU).astype(np.float16)
     if mask is None:
         lesion = np.zeros(shape, dtype=bool)
     else:
@@ -205,14 +208,16 @@ def preprocess_arrays(image_hu: np.ndarray, affine: np.ndarray, mask: np.ndarray
     n_lesion = int(np.count_nonzero(lesion))
     kept = float(np.count_nonzero(lesion & brain)) / n_lesion if n_lesion else 1.0
     return {"image": image.astype(np.float32), "brain": brain.astype(np.uint8),
-            "mask": lesion.astype(np.uint8), "affine": out_affine, "lesion_kept_fraction": kept}
+            "mask": lesion.astype(np.uint8), "affine": out_affine, "lesion_kept_fraction": kept,
+            "hu": stripped_hu}
 
 
 def preprocess_volume(image: nifti.Volume, mask: nifti.Volume | None,
                       data_cfg: DataConfig) -> dict[str, Any]:
     """Resample to 1 mm RAS, skull-strip and window one scan (``mask`` None: an all-zero mask).
 
-    Returns ``image`` float32 (D, H, W) in [0, 1] (0 outside the brain), ``brain`` and ``mask``
+    Returns ``image`` float32 (D, H, W) in [0, 1] (0 outside the brain), ``hu`` float16 (D, H, W)
+    skull-stripped HU (``AIR_HU`` outside the brain), ``brain`` and ``mask``
     uint8 (D, H, W), ``affine`` (4, 4) output index -> the input's world mm, and
     ``lesion_kept_fraction`` (lesion voxels inside the brain mask / lesion voxels; 1.0 if none).
     """

@@ -28,6 +28,7 @@ from mlssp_jax.report_tables import (
     runs_by_model,
     table_classification_by_alpha,
     table_classification_by_model,
+    table_protocols,
     table_segmentation_by_alpha,
     table_segmentation_by_model,
 )
@@ -50,7 +51,13 @@ def render_markdown(runs: Sequence[Run], by_model: dict[str, Run], alpha, figure
         lines += [f"Best MLSSP alpha: **{alpha}** (highest mean of pooled DSC and accuracy; "
                   "selected on the cross-validated results themselves, as in the paper, so "
                   "optimistic). Table 3 and Fig. 4-6 use each model's run at this alpha.", ""]
-    lines += ["## Table 1: segmentation by alpha (MLSSP)", "",
+    lines += ["## Whole scan and lesion-centred VOI", "", *table_protocols(runs), "",
+              "Whole scan: sliding windows over the held-out subject's whole preprocessed brain "
+              "with the post-processing chosen on inner validation; false positive = predicted "
+              "mL more than 10 mm from the true lesion; detected = share of lesions touched by "
+              "the prediction; AUC from the VOI centred on the predicted lesion. VOI: the "
+              "paper's protocol, a VOI centred on the true lesion (Tables 1-3 below).", "",
+              "## Table 1: segmentation by alpha (MLSSP)", "",
               *table_segmentation_by_alpha(runs), "",
               "## Table 2: classification by alpha (MLSSP)", "",
               *table_classification_by_alpha(runs), "",

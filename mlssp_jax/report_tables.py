@@ -184,3 +184,28 @@ def table_segmentation_by_model(by_model: dict[str, Run]) -> list[str]:
             + [_cell(run.summary["segmentation"], key) for key in PAPER_SEG_KEYS]
             for name, run in by_model.items() if run.summary["segmentation"]]
     return markdown_table(["model", "alpha", "DSC", "Sens", "Spec", "PPV"], rows)
+
+
+def _median(task: dict | None, key: str) -> str:
+    value = task and task.get(f"median_{key}")
+    return "-" if value is None else f"{value:.2f}"
+
+
+def table_protocols(runs: Sequence[Run]) -> list[str]:
+    """Each run by both protocols, whole scan first: what a user gets on a new scan (sliding
+    windows, the run's post-processing) beside the paper's VOI centred on the true lesion."""
+    header = ["run", "model", "alpha", "whole DSC", "whole HD95 mm", "whole abs volume error mL "
+              "(median)", "whole false positive mL (median)", "whole detected", "whole AUC",
+              "VOI DSC", "VOI AUC"]
+    rows = []
+    for run in runs:
+        whole = run.summary.get("whole_scan") or {}
+        wseg, wcls = whole.get("segmentation"), whole.get("classification")
+        rows.append([run.workdir.name, MODEL_TITLES.get(run.model, run.model), str(run.alpha),
+                     _cell(wseg, "dsc"), _cell(wseg, "hd95_mm"),
+                     f"{_cell(wseg, 'volume_error_ml')} ({_median(wseg, 'volume_error_ml')})",
+                     f"{_cell(wseg, 'false_positive_ml')} ({_median(wseg, 'false_positive_ml')})",
+                     _cell(wseg, "detected"), _cell(wcls, "auc"),
+                     _cell(run.summary["segmentation"], "dsc"),
+                     _cell(run.summary["classification"], "auc")])
+    return markdown_table(header, rows)

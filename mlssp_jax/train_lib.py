@@ -26,9 +26,11 @@ from mlssp_jax import (
     input_pipeline,
     manifest,
     parallel,
+    patches,
     preprocess,
     rundir,
     splits,
+    wholescan_eval,
 )
 from mlssp_jax import config as config_lib
 from mlssp_jax.errors import InputError, TrainingDiverged
@@ -53,7 +55,8 @@ def train_epoch(train_step: Callable, state: TrainState, examples: list[dict],
     batches = input_pipeline.train_batches(
         examples, config, config.train.seed, epoch,
         process_index=jax.process_index(), process_count=jax.process_count())
-    steps = input_pipeline.steps_per_epoch(len(examples), config.train.batch_size)
+    steps = input_pipeline.steps_per_epoch(len(examples) * config.train.patches_per_subject,
+                                           config.train.batch_size)
     sums: dict[str, float] = {}
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="step", leave=False,
                disable=not parallel.is_main_process())
@@ -74,7 +77,9 @@ def train_epoch(train_step: Callable, state: TrainState, examples: list[dict],
 
 
 def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[str, list[dict]]:
-    """The fold's ``train``/``val``/``test`` VOI examples (split saved in ``W/splits.json``)."""
+    """The fold's ``train``/``val``/``test`` VOI examples (split saved in ``W/splits.json``) and
+    ``val_volumes``/``test_volumes`` (:func:`patches.load_volumes`, for the whole-scan
+    protocol); ``train`` holds whole volumes instead for ``data.sampling = "whole_volume"``."""
     manifest_path = preprocess.resolve_data(config.data)
     subjects = manifest.read_manifest(manifest_path, require_masks=True)
     manifest.check_folds(subjects, config.train.num_folds, where=str(manifest_path))
@@ -93,10 +98,16 @@ def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[
     margins = {"train": augment.jitter_voxels(config.augment, config.data.spacing_mm),
                "val": 0, "test": 0}
     background = config.augment.background_fraction > 0  # whole training volumes needed
-    return {part: input_pipeline.load_examples(paths, ids_, label_of, config.data.voi_size,
+    whole = config.data.sampling == "whole_volume"
+    data = {part: input_pipeline.load_examples(paths, ids_, label_of, config.data.voi_size,
                                                margin=margins[part],
                                                whole_volumes=background and part == "train")
-            for part, ids_ in split.items()}
+            for part, ids_ in split.items() if not (whole and part == "train")}
+    if whole:
+        data["train"] = patches.load_volumes(paths, split["train"], label_of)
+    data["val_volumes"] = patches.load_volumes(paths, split["val"], label_of)
+    data["test_volumes"] = patches.load_volumes(paths, split["test"], label_of)
+    return data
 
 
 def start_or_resume(manager: Any, state: TrainState, workdir: Path, fold: int,
@@ -184,7 +195,8 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
     data = load_fold_data(config, workdir, fold)  # validates the data before writing anything
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.train.batch_size, mesh)
-    steps = input_pipeline.steps_per_epoch(len(data["train"]), config.train.batch_size)
+    steps = input_pipeline.steps_per_epoch(
+        len(data["train"]) * config.train.patches_per_subject, config.train.batch_size)
     if steps < 1:
         raise InputError(f"train.batch_size: {config.train.batch_size} is more than the "
                          f"{len(data['train'])} training subjects of fold {fold}")
@@ -205,9 +217,13 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
     log.info("fold %d: evaluating the best checkpoint (epoch %d) on %d held-out subjects",
              fold, best, len(data["test"]))
     temperature = fold_eval.fit_fold_temperature(config, predict_fn, params, data["val"], mesh)
+    rule = wholescan_eval.choose_postprocessing(config, predict_fn, params, data["val_volumes"],
+                                                workdir, fold, mesh)
+    whole = wholescan_eval.held_out(config, predict_fn, params, data["test_volumes"], rule, mesh)
     result = fold_eval.evaluate_fold(config, predict_fn, params, data["test"], workdir, fold,
-                                     mesh, temperature)
-    log.info("fold %d: %s", fold, fold_eval.held_out_summary(result))
+                                     mesh, temperature=temperature, whole_scan=whole)
+    log.info("fold %d: %s | %s", fold, fold_eval.held_out_summary(result),
+             wholescan_eval.summary(whole))
     return result
 
 
@@ -221,7 +237,12 @@ def run_epochs(config: config_lib.Config, state: TrainState, data: dict[str, lis
     for epoch in range(start, epochs):
         began = time.perf_counter()
         state, train_metrics = train_epoch(train_step, state, data["train"], config, epoch, mesh)
-        val = fold_eval.score_inner_val(predict_fn, state.params, data["val"], config, mesh)
+        if config.data.sampling == "whole_volume" and wholescan_eval.segments(
+                config, data["val_volumes"]):
+            val = wholescan_eval.score_inner_val(predict_fn, state.params, data["val_volumes"], config,
+                                          mesh)
+        else:
+            val = fold_eval.score_inner_val(predict_fn, state.params, data["val"], config, mesh)
         seconds.append(time.perf_counter() - began)
         record = epoch_record(epoch, state, train_metrics, val, seconds[-1])
         append_metrics(workdir, fold, record)

@@ -113,7 +113,9 @@ def make_loss_fn(config: config_lib.Config, class_weights: np.ndarray | None = N
     def loss_fn(trainable: dict, batch: dict) -> tuple[jax.Array, dict]:
         outputs = model.apply({"params": trainable["params"]}, batch["image"])
         log_vars = trainable["log_vars"] if alpha == "auto" else None
-        return losses.total_loss(outputs, batch, alpha, log_vars, class_weights)
+        return losses.total_loss(outputs, batch, alpha, log_vars, class_weights,
+                                 seg_bce_weight=config.train.seg_bce_weight,
+                                 batch_dice=config.train.batch_dice)
 
     return loss_fn
 

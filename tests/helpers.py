@@ -78,6 +78,16 @@ def _prediction(rng, skill):
             "pred": pred.astype(np.uint8), "prob": pred.astype(np.float32)}
 
 
+def _whole_scan(rng, ids, skill, cls):
+    """eval.json's whole_scan block: DSC a little under the VOI protocol's, some false positives."""
+    rows = [{"subject_id": s, "dsc": float(np.clip(rng.normal(skill - 0.1, 0.1), 0, 1)),
+             "hd95_mm": float(rng.uniform(2, 20)), "volume_error_ml": float(rng.uniform(0, 3)),
+             "false_positive_ml": float(rng.uniform(0, 2)), "detected": bool(rng.random() < skill)}
+            for s in ids]
+    seg = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "subject_id"}
+    return {"segmentation": {**seg, "per_subject": rows}, "classification": cls}
+
+
 def write_fake_run(workdir, model="mlssp", alpha=0.4, skill=0.8, seed=0, epochs=3):
     """A finished run per SPEC: config.toml, fold_K/{eval.json,metrics.jsonl,predictions/}.
 
@@ -123,7 +133,8 @@ def _write_fold(fold_dir, rng, fold, cfg, ids, labels, probs, skill, epochs):
                                                  for s, lab, p in zip(ids, labels, probs,
                                                                       strict=True)]}
     record = {"fold": fold, "alpha": cfg.train.alpha, "model": cfg.model.name,
-              "segmentation": seg, "classification": cls}
+              "segmentation": seg, "classification": cls,
+              "whole_scan": _whole_scan(rng, ids, skill, cls) if has_seg else None}
     (fold_dir / "eval.json").write_text(json.dumps(record))
     lines = [json.dumps({"epoch": e, "step": 5 * e, "lr": 1e-5, "train_loss": 1.0 / e,
                          "val_score": skill * (1 - 0.5 / e), "seconds": 1.0})

@@ -103,6 +103,72 @@ def test_elastic_displacement_size_and_smoothness():
     assert neighbours > 0.95  # smooth at the voxel scale
 
 
+def _hu_example(seed=0, shape=(16, 16, 16)):
+    """Skull-stripped HU: 30 +- 5 HU noise in a brain box, -1024 outside."""
+    rng = np.random.default_rng(seed)
+    brain = np.zeros(shape, bool)
+    brain[2:-2, 3:-3, 2:-2] = True
+    hu = np.where(brain, 30.0 + 5.0 * rng.standard_normal(shape), -1024.0).astype(np.float32)
+    return {"hu": hu, "brain": brain, "mask": np.zeros(shape, np.uint8), "label": 0,
+            "spacing_mm": 2.0}
+
+
+def _hu(example, seed=1, **fields):
+    return augment.hu_transform(example, np.random.default_rng(seed), AugmentConfig(**fields))
+
+
+def test_hu_transform_off_is_the_identity_without_draws():
+    example, rng = _hu_example(), np.random.default_rng(3)
+    out = augment.hu_transform(example, rng, AugmentConfig())
+    np.testing.assert_array_equal(out["hu"], example["hu"])
+    assert rng.random() == np.random.default_rng(3).random()
+
+
+def test_hu_offset_and_scale_shift_and_stretch_the_brain_only():
+    example = _hu_example()
+    brain, hu = example["brain"], example["hu"]
+    shifted = _hu(example, hu_offset=10.0)["hu"]
+    delta = np.unique(np.round(shifted[brain] - hu[brain], 3))
+    assert len(delta) == 1 and 0 < abs(delta[0]) <= 10.0
+    np.testing.assert_array_equal(shifted[~brain], hu[~brain])
+    scaled = _hu(example, hu_scale_fraction=0.2)["hu"]
+    ratio = np.unique(np.round(scaled[brain] / hu[brain], 4))
+    assert len(ratio) == 1 and 0.8 <= ratio[0] <= 1.2 and ratio[0] != 1.0
+
+
+def test_hu_noise_adds_noise_up_to_its_level_inside_the_brain():
+    example = _hu_example()
+    brain = example["brain"]
+    sds = [np.std(_hu(example, seed=s, hu_noise_max=8.0)["hu"][brain] - example["hu"][brain])
+           for s in range(20)]
+    assert 0 < min(sds) and max(sds) <= 8.0 * 1.05 and max(sds) > 4.0
+    np.testing.assert_array_equal(_hu(example, hu_noise_max=8.0)["hu"][~brain],
+                                  example["hu"][~brain])
+
+
+def test_point_spread_blurs_or_sharpens_without_bleeding_the_background():
+    example = _hu_example()
+    brain, sd = example["brain"], np.std(example["hu"][example["brain"]])
+    blurred = _hu(example, blur_sigma_max_mm=4.0)["hu"]
+    sharpened = _hu(example, sharpen_max=1.0)["hu"]
+    assert np.std(blurred[brain]) < sd < np.std(sharpened[brain])
+    flat = {**example, "hu": np.where(brain, 30.0, -1024.0).astype(np.float32)}
+    for fields in ({"blur_sigma_max_mm": 4.0}, {"sharpen_max": 1.0}):
+        np.testing.assert_allclose(_hu(flat, **fields)["hu"][brain], 30.0, atol=1e-3)
+
+
+def test_slice_thickness_blurs_along_the_superior_axis_only():
+    example = _hu_example()
+    brain = example["brain"]
+    k = np.arange(16, dtype=np.float32)
+    along_k = {**example, "hu": np.where(brain, 30 + 10 * (k % 2)[None, None, :], -1024.0)}
+    along_i = {**example, "hu": np.where(brain, 30 + 10 * (k % 2)[:, None, None], -1024.0)}
+    out_k = _hu(along_k, slice_thickness_max_mm=10.0)["hu"]
+    out_i = _hu(along_i, slice_thickness_max_mm=10.0)["hu"]
+    assert np.std(out_k[brain]) < 0.9 * np.std(along_k["hu"][brain])
+    np.testing.assert_allclose(out_i[brain], along_i["hu"][brain], atol=1e-3)
+
+
 def test_lengths_in_mm_are_converted_through_the_spacing():
     """data.spacing_mm = 2: 3 mm of displacement is 1.5 voxels, a jitter of 8 mm is 4 voxels."""
     cfg = AugmentConfig(elastic=True, elastic_alpha_mm=3.0, elastic_sigma_mm=6.0, voi_jitter_mm=8)

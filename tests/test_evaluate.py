@@ -99,3 +99,20 @@ def test_undefined_metrics_are_null(tmp_path):
     seg = evaluate.summarize(tmp_path / "run", n_resamples=50)["segmentation"]
     assert seg["ppv"] is None and seg["ci95"]["ppv"] == [None, None]
     assert seg["dsc"] is not None
+
+
+def test_pools_the_whole_scan_protocol_with_medians(tmp_path):
+    write_fake_run(tmp_path / "run")
+    summary = evaluate.summarize(tmp_path / "run", n_resamples=200, seed=0)
+    rows = [r for k in range(FOLDS) for r in json.loads(
+        (tmp_path / "run" / f"fold_{k}" / "eval.json").read_text())["whole_scan"]["segmentation"]
+        ["per_subject"]]
+    seg = summary["whole_scan"]["segmentation"]
+    assert len(seg["per_subject"]) == SUBJECTS
+    assert seg["dsc"] == pytest.approx(np.mean([r["dsc"] for r in rows]))
+    assert seg["detected"] == pytest.approx(np.mean([r["detected"] for r in rows]))
+    assert seg["median_false_positive_ml"] == pytest.approx(
+        np.median([r["false_positive_ml"] for r in rows]))
+    assert seg["median_volume_error_ml"] == pytest.approx(
+        np.median([r["volume_error_ml"] for r in rows]))
+    assert summary["whole_scan"]["classification"]["auc"] == summary["classification"]["auc"]

@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlssp_jax.losses import bce_loss, class_balance_weights, dice_loss, total_loss
+from mlssp_jax.losses import (
+    batch_dice_loss,
+    bce_loss,
+    class_balance_weights,
+    dice_loss,
+    total_loss,
+)
 
 BIG = 30.0  # sigmoid(+-30) is 1 / 0 to float32 precision
 
@@ -136,3 +142,32 @@ def test_total_class_balanced_bce(case):
     np.testing.assert_allclose(aux["bce"], 3.0 * bce_pos, rtol=1e-6)
     ones = total_loss(outputs, batch, alpha=0.4, class_weights=jnp.ones(2))[0]
     np.testing.assert_allclose(ones, total_loss(outputs, batch, alpha=0.4)[0], rtol=1e-6)
+
+
+def test_seg_bce_weight_adds_the_voxel_cross_entropy_to_the_dice():
+    logits = jnp.zeros((2, 4, 4, 4, 1))  # p = 0.5 everywhere: BCE ln 2 per voxel
+    mask = jnp.zeros((2, 4, 4, 4, 1)).at[0, :2].set(1.0)
+    batch = {"mask": mask, "label": jnp.array([1.0, 0.0])}
+    outputs = {"seg": logits, "cls": None}
+    dice_only, aux0 = total_loss(outputs, batch, 0.4)
+    both, aux = total_loss(outputs, batch, 0.4, seg_bce_weight=2.0)
+    assert "seg_bce" not in aux0 and float(aux["seg_bce"]) == pytest.approx(np.log(2), rel=1e-5)
+    assert float(both) == pytest.approx(float(dice_only) + 2.0 * np.log(2), rel=1e-5)
+    outputs["cls"] = jnp.zeros((2,))
+    mixed, aux = total_loss(outputs, batch, 0.4, seg_bce_weight=1.0)
+    expected = 0.4 * (aux["dice"] + aux["seg_bce"]) + 0.6 * aux["bce"]
+    assert float(mixed) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_batch_dice_pools_the_batch_so_an_empty_patch_only_adds_false_positives():
+    big = 20.0  # logit: p ~ 1
+    mask = jnp.zeros((2, 4, 4, 4, 1)).at[0, :2].set(1.0)  # 32 lesion voxels in sample 0
+    logits = jnp.where(mask > 0, big, -big).at[1, 0, 0, :2].set(big)  # 2 FP voxels in sample 1
+    per_sample = dice_loss(logits, mask)
+    assert float(per_sample[1]) == pytest.approx(1 - 1 / 3, abs=1e-4)  # empty: goal "nothing"
+    pooled = batch_dice_loss(logits, mask)
+    assert float(pooled) == pytest.approx(1 - (2 * 32 + 1) / (34 + 32 + 1), abs=1e-4)
+    only_first = batch_dice_loss(logits, mask, jnp.array([1.0, 0.0]))
+    assert float(only_first) == pytest.approx(0.0, abs=1e-4)
+    loss, aux = total_loss({"seg": logits, "cls": None}, {"mask": mask}, 0.4, batch_dice=True)
+    assert float(aux["dice"]) == pytest.approx(float(pooled))

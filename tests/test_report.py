@@ -166,3 +166,16 @@ def test_an_out_that_would_destroy_a_run_or_a_folder_is_refused(tmp_path, capsys
         assert run_command(report.main, [str(tmp_path / "runs" / "cnn"), "--out", str(out)]) == 2
         assert why in capsys.readouterr().err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_both_protocols_side_by_side_whole_scan_first(experiment):
+    dirs, out = experiment
+    text = (out / "report.md").read_text()
+    assert text.index("## Whole scan and lesion-centred VOI") < text.index("## Table 1")
+    table = _section(text, "Whole scan and lesion-centred VOI")
+    header = table[0]
+    assert header.index("whole DSC") < header.index("VOI DSC")
+    whole = _summary(dirs[0])["whole_scan"]["segmentation"]
+    row = next(line for line in table if line.startswith(f"| {dirs[0].name} |"))
+    assert f"{whole['dsc']:.3f} [" in row and f"({whole['median_false_positive_ml']:.2f})" in row
+    assert f"{_summary(dirs[0])['segmentation']['dsc']:.3f} [" in row

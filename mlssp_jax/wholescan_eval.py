@@ -1,0 +1,93 @@
+"""The training side of the whole-scan protocol: inner validation, the post-processing choice
+and the held-out ``whole_scan`` block, with a jitted model and its parameters.
+
+The metrics themselves are :mod:`mlssp_jax.wholescan`'s (numpy); this module binds the
+parameters of a :func:`~mlssp_jax.train_step.make_predict_fn` model into the numpy predict
+function the sliding windows call, and formats the results as :mod:`mlssp_jax.fold_eval`
+formats the VOI protocol's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from mlssp_jax import config as config_lib
+from mlssp_jax import fold_eval, models, parallel, postprocess, rundir, wholescan
+from mlssp_jax.train_step import ApplyFn
+
+log = logging.getLogger(__name__)
+
+
+def numpy_predict_fn(predict_fn: ApplyFn, params: Any, mesh: Mesh):
+    """``images (B, S, S, S, 1) -> {"seg_prob", "cls_prob"}`` as numpy (None: no such task),
+    ``params`` bound, for :mod:`mlssp_jax.inference`'s sliding windows."""
+    def predict(images: np.ndarray) -> dict:
+        rows = fold_eval._host_rows({"image": images}, "image")
+        sharded = parallel.shard_batch({"image": rows}, mesh)
+        out = jax.device_get(predict_fn(params, sharded["image"]))
+        return {k: None if v is None else np.asarray(v) for k, v in out.items()}
+    return predict
+
+
+def segments(config: config_lib.Config, volumes: list[dict] | None) -> bool:
+    """Whether the whole-scan protocol applies: volumes given and a model that segments."""
+    return bool(volumes) and models.has_tasks(config.model.name)[0]
+
+
+def score_inner_val(predict_fn: ApplyFn, params: Any, volumes: list[dict], config: config_lib.Config,
+             mesh: Mesh) -> dict:
+    """Inner validation on whole scans (sliding windows with ``train.val_overlap``, the best
+    post-processing rule): ``val_dsc``, ``val_false_positive_ml``, ``val_postprocessing``,
+    ``val_auc``, ``val_accuracy`` and ``val_score`` (:func:`fold_eval.selection_score`)."""
+    run = wholescan.run(volumes, numpy_predict_fn(predict_fn, params, mesh), config,
+                        config.train.val_overlap)
+    seg = run["segmentation"]
+    cls = fold_eval.classification_result(run["classification_rows"], config.train.threshold)
+    return {"val_dsc": seg["dsc"], "val_false_positive_ml": seg["false_positive_ml"],
+            "val_postprocessing": run["rule"], "val_auc": cls and cls["auc"],
+            "val_accuracy": cls and cls["accuracy"],
+            "val_score": fold_eval.selection_score(seg, cls)}
+
+
+def choose_postprocessing(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
+                          volumes: list[dict], workdir: Path, fold: int, mesh: Mesh) -> dict:
+    """The post-processing rule of best whole-scan DSC on the inner-validation ``volumes``
+    (``none`` without them or a segmentation), saved as ``W/fold_K/postprocessing.json``."""
+    if not segments(config, volumes):
+        return dict(postprocess.NONE)
+    run = wholescan.run(volumes, numpy_predict_fn(predict_fn, params, mesh), config,
+                        wholescan.EVAL_OVERLAP)
+    if parallel.is_main_process():
+        postprocess.save(rundir.fold_dir(workdir, fold), run["rule"], run["scored"])
+    log.info("post-processing chosen on %d inner-validation scans: %s (%s)", len(volumes),
+             run["rule"], ", ".join(f"{s['rule']['name']}{s['rule'].get('min_ml', '')}: "
+                                    f"{s['score']:.3f}" for s in run["scored"]))
+    return run["rule"]
+
+
+def held_out(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
+             volumes: list[dict] | None, rule: dict, mesh: Mesh) -> dict | None:
+    """eval.json's ``whole_scan`` block (SPEC.md) on ``volumes`` with post-processing ``rule``;
+    None for a model without segmentation."""
+    if not segments(config, volumes):
+        return None
+    run = wholescan.run(volumes, numpy_predict_fn(predict_fn, params, mesh), config,
+                        wholescan.EVAL_OVERLAP, rule)
+    return {"segmentation": run["segmentation"],
+            "classification": fold_eval.classification_result(run["classification_rows"],
+                                                              config.train.threshold)}
+
+
+def summary(whole: dict | None) -> str:
+    """One log line's worth of a ``whole_scan`` block."""
+    whole = whole or {}
+    seg, cls = whole.get("segmentation"), whole.get("classification")
+    fmt = fold_eval.format_metric
+    return (f"whole scan DSC {fmt(seg and seg['dsc'])}, false positive "
+            f"{fmt(seg and seg['false_positive_ml'])} mL, AUC {fmt(cls and cls['auc'])}")
