@@ -239,8 +239,8 @@ def run_epochs(config: config_lib.Config, state: TrainState, data: dict[str, lis
         state, train_metrics = train_epoch(train_step, state, data["train"], config, epoch, mesh)
         if config.data.sampling == "whole_volume" and wholescan_eval.segments(
                 config, data["val_volumes"]):
-            val = wholescan_eval.score_inner_val(predict_fn, state.params, data["val_volumes"], config,
-                                          mesh)
+            val = wholescan_eval.score_inner_val(predict_fn, state.params, data["val_volumes"],
+                                                 config, mesh)
         else:
             val = fold_eval.score_inner_val(predict_fn, state.params, data["val"], config, mesh)
         seconds.append(time.perf_counter() - began)

@@ -40,8 +40,8 @@ def segments(config: config_lib.Config, volumes: list[dict] | None) -> bool:
     return bool(volumes) and models.has_tasks(config.model.name)[0]
 
 
-def score_inner_val(predict_fn: ApplyFn, params: Any, volumes: list[dict], config: config_lib.Config,
-             mesh: Mesh) -> dict:
+def score_inner_val(predict_fn: ApplyFn, params: Any, volumes: list[dict],
+                    config: config_lib.Config, mesh: Mesh) -> dict:
     """Inner validation on whole scans (sliding windows with ``train.val_overlap``, the best
     post-processing rule): ``val_dsc``, ``val_false_positive_ml``, ``val_postprocessing``,
     ``val_auc``, ``val_accuracy`` and ``val_score`` (:func:`fold_eval.selection_score`)."""
