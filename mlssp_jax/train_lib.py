@@ -76,6 +76,18 @@ def train_epoch(train_step: Callable, state: TrainState, examples: list[dict],
     return state, {k: v / max(bar.n, 1) for k, v in sums.items()}
 
 
+def steps_per_epoch(config: config_lib.Config, n_train: int, fold: int) -> int:
+    """Optimiser steps per epoch for ``n_train`` training subjects; InputError if the global
+    batch does not split over the devices or is larger than one epoch's samples."""
+    batch = config.train.batch_size
+    parallel.check_batch_size(batch, parallel.make_mesh())
+    steps = input_pipeline.steps_per_epoch(n_train * config.train.patches_per_subject, batch)
+    if steps < 1:
+        raise InputError(f"train.batch_size: {batch} is more than the {n_train} training "
+                         f"subjects of fold {fold}")
+    return steps
+
+
 def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[str, list[dict]]:
     """The fold's ``train``/``val``/``test`` VOI examples (split saved in ``W/splits.json``) and
     ``val_volumes``/``test_volumes`` (:func:`patches.load_volumes`, for the whole-scan
@@ -86,8 +98,12 @@ def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[
     ids = [s.subject_id for s in subjects]
     labels = [s.label for s in subjects]
     t = config.train
-    # before the (slow) preprocessing: a workdir split for other subjects is refused now
-    splits.check_saved(workdir, ids, labels, t.num_folds, t.inner_val_fraction, t.seed)
+    # before the (slow) preprocessing and before splits.json is written: a workdir split for
+    # other subjects, or a batch the fold cannot fill, is refused now
+    saved = splits.check_saved(workdir, ids, labels, t.num_folds, t.inner_val_fraction, t.seed)
+    planned = (saved[fold] if saved is not None else
+               splits.fold_split(ids, labels, fold, t.num_folds, t.inner_val_fraction, t.seed))
+    steps_per_epoch(config, len(planned["train"]), fold)
     # train.workers = 0 preprocesses in this process, as the loader does (cached_cohort would
     # read 0 as one process per CPU)
     paths = preprocess.cached_cohort(manifest_path, config.data, max(config.train.workers, 1),
@@ -194,12 +210,7 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
     conv_ops.resolve_impl(config.model.conv_impl)  # an impl that cannot run here: fail now
     data = load_fold_data(config, workdir, fold)  # validates the data before writing anything
     mesh = parallel.make_mesh()
-    parallel.check_batch_size(config.train.batch_size, mesh)
-    steps = input_pipeline.steps_per_epoch(
-        len(data["train"]) * config.train.patches_per_subject, config.train.batch_size)
-    if steps < 1:
-        raise InputError(f"train.batch_size: {config.train.batch_size} is more than the "
-                         f"{len(data['train'])} training subjects of fold {fold}")
+    steps = steps_per_epoch(config, len(data["train"]), fold)
     if parallel.is_main_process():
         rundir.write_config(config, workdir)
     state = create_train_state(config, jax.random.key(config.train.seed), mesh, steps)

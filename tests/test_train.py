@@ -154,3 +154,14 @@ def test_quick_config_learns_one_fold(tmp_path):
     whole = result["whole_scan"]["segmentation"]
     assert whole["dsc"] > 0.4 and whole["detected"] > 0.5
     assert result["segmentation"]["dsc"] > 0.4
+
+
+def test_a_batch_the_fold_cannot_fill_fails_before_writing_anything(tiny_config, tiny_cohort,
+                                                                     tmp_path, capsys):
+    workdir = tmp_path / "w"
+    argv = train_command(tiny_config, tiny_cohort, workdir)[3:]  # after python -m mlssp_jax.train
+    code = cli.run_command(train.main, [*argv, "--batch-size", "1000"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert lines[-1].startswith("error: ") and "train.batch_size" in lines[-1]
+    assert not workdir.exists()  # no splits.json, no config.toml
