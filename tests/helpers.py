@@ -140,3 +140,12 @@ def _write_fold(fold_dir, rng, fold, cfg, ids, labels, probs, skill, epochs):
                          "val_score": skill * (1 - 0.5 / e), "seconds": 1.0})
              for e in range(1, epochs + 1)]
     (fold_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def rotation_about(axis: int, degrees: float) -> np.ndarray:
+    """(3, 3) rotation by ``degrees`` about array axis ``axis`` (0, 1 or 2)."""
+    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
+    i, j = [a for a in range(3) if a != axis]
+    rot = np.eye(3)
+    rot[i, i], rot[i, j], rot[j, i], rot[j, j] = c, -s, s, c
+    return rot

@@ -14,6 +14,7 @@ import matplotlib.image
 import numpy as np
 import pydicom
 import pytest
+from helpers import rotation_about
 
 from mlssp_jax import config, dicom, manifest, nifti, overlay, predict, preprocess, scans
 from mlssp_jax.cli import run_command
@@ -24,14 +25,9 @@ from mlssp_jax.errors import InputError
 def oblique_affine(flip_slices=False, tilt_mm=0.0):
     """An LPS-like voxel order (i -> left, j -> posterior), 20 degrees about x and 10 about z,
     0.7 x 0.6 x 3 mm; ``tilt_mm`` shears each slice step along j (a gantry tilt)."""
-    def rot(axis, deg):
-        c, s = np.cos(np.deg2rad(deg)), np.sin(np.deg2rad(deg))
-        i, j = [a for a in range(3) if a != axis]
-        r = np.eye(3)
-        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-        return r
     affine = np.eye(4)
-    affine[:3, :3] = rot(2, 10) @ rot(0, 20) @ np.diag([-0.7, -0.6, -3.0 if flip_slices else 3.0])
+    spacing = np.diag([-0.7, -0.6, -3.0 if flip_slices else 3.0])
+    affine[:3, :3] = rotation_about(2, 10) @ rotation_about(0, 20) @ spacing
     affine[:3, 2] += tilt_mm * affine[:3, 1] / 0.6
     affine[:3, 3] = [40.0, 30.0, -20.0]
     return affine

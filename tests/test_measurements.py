@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import rotation_about
 
 from mlssp_jax import measurements
 
@@ -15,14 +16,6 @@ def grid(shape, spacing, rotation=None):
     affine[:3, 3] = -affine[:3, :3] @ ((np.array(shape) - 1) / 2)
     index = np.indices(shape).reshape(3, -1).T
     return affine, index @ affine[:3, :3].T + affine[:3, 3]
-
-
-def rotation_about(axis, degrees):
-    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    rot = np.eye(3)
-    rot[i, i], rot[i, j], rot[j, i], rot[j, j] = c, -s, s, c
-    return rot
 
 
 def test_a_square_box_gives_its_exact_volume_on_an_anisotropic_grid():
