@@ -24,6 +24,12 @@ from tqdm import tqdm
 from mlssp_jax import augment, ensemble, masks, metrics, voi
 
 PredictFn = Callable[[np.ndarray], dict]
+BATCH_VOXELS = 4 * 32**3  # voxels per batch of windows: 4 windows of 32^3
+
+
+def auto_batch(window: int, voxels: int = BATCH_VOXELS) -> int:
+    """Windows per batch: about ``voxels`` voxels of ``window``^3 windows, at least 1."""
+    return max(1, voxels // window**3)
 
 
 def sliding_window_steps(shape: Sequence[int], window: int, overlap: float) -> list[list[int]]:
@@ -168,6 +174,13 @@ def brain_box(brain: np.ndarray, window: int) -> tuple[slice, ...]:
         lo = max(0, lo - grow // 2)
         box.append(slice(lo, min(size, max(hi, lo + window))))
     return tuple(box)
+
+
+def window_count(brain: np.ndarray, window: int, overlap: float) -> int:
+    """How many windows :func:`predict_volume` evaluates for ``brain`` (D, H, W) 0/1."""
+    inside = np.asarray(brain[brain_box(brain, window)], bool)
+    inside = np.pad(inside, [(0, max(0, window - s)) for s in inside.shape])
+    return len(window_starts(inside.shape, window, overlap, inside))
 
 
 def predict_volume(volume: np.ndarray, brain: np.ndarray, model: ensemble.Ensemble,
