@@ -1,7 +1,8 @@
 """Typed run configuration: TOML in (``configs/*.toml``), overrides, validation, TOML out.
 
-A config is a frozen :class:`Config` of five sections (``data``, ``augment``, ``model``,
-``train``, ``descriptors``). Every hyperparameter lives here; no number is hidden in code.
+A config is a frozen :class:`Config` of six sections (``data``, ``augment``, ``model``,
+``train``, ``descriptors``, ``inference``). Every hyperparameter lives here; no number is
+hidden in code.
 Unknown keys, wrong types and out-of-range values raise :class:`~mlssp_jax.errors.InputError`.
 """
 
@@ -24,6 +25,7 @@ DTYPES = ("float32", "bfloat16")
 CLS_POOLINGS = ("global", "lesion")
 SAMPLINGS = ("lesion", "whole_volume")
 SYNTH_PRESETS = ("default", "shifted")  # mlssp_jax.synth.settings.PRESETS
+TTA_MODES = ("none", "flips", "all")  # mlssp_jax.ensemble.TTA_MODES
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,27 @@ class DescriptorConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    """Sliding-window inference of whole scans (``predict``, :mod:`mlssp_jax.inference`).
+
+    ``window``: the window's edge in voxels, a multiple of 16 (0: the training VOI,
+    ``data.voi_size``); ``overlap`` in [0, 1) (0.25: within the tolerance of 0.5 at 57% of
+    its FLOPs on the quick model, ``benchmarks/window_tolerance.py``); ``batch_size``:
+    windows per network call (0: about 4 x 32^3 voxels, :func:`inference.auto_batch`);
+    ``gaussian``: Gaussian-weighted mean of overlapping windows (sigma = window / 8, as
+    nnU-Net), else the plain mean; ``tta``: test-time augmentation, one of
+    :data:`TTA_MODES` (1, 8 or 48 network evaluations per window). ``predict``'s options
+    override them.
+    """
+
+    window: int = 0
+    overlap: float = 0.25
+    batch_size: int = 0
+    gaussian: bool = True
+    tta: str = "none"
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run configuration."""
 
@@ -215,6 +238,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     descriptors: DescriptorConfig = field(default_factory=DescriptorConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -222,7 +246,8 @@ _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 def _section_class(name: str) -> type:
     return {"data": DataConfig, "augment": AugmentConfig,
-            "model": ModelConfig, "train": TrainConfig, "descriptors": DescriptorConfig}[name]
+            "model": ModelConfig, "train": TrainConfig, "descriptors": DescriptorConfig,
+            "inference": InferenceConfig}[name]
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -366,6 +391,15 @@ def validate(config: Config, where: str = "config") -> None:
            f"model.cls_pooling must be one of {', '.join(CLS_POOLINGS)}")
     _check(m.cls_rim_voxels >= 0, where, "model.cls_rim_voxels must be >= 0")
     _validate_descriptors(config.descriptors, where)
+    _validate_inference(config.inference, where)
+
+
+def _validate_inference(c: InferenceConfig, where: str) -> None:
+    _check(c.window == 0 or (c.window >= 16 and c.window % 16 == 0), where,
+           "inference.window must be 0 (the training VOI) or a positive multiple of 16")
+    _check(0.0 <= c.overlap < 1.0, where, "inference.overlap must be in [0, 1)")
+    _check(c.batch_size >= 0, where, "inference.batch_size must be >= 0 (0: automatic)")
+    _check(c.tta in TTA_MODES, where, f"inference.tta must be one of {', '.join(TTA_MODES)}")
 
 
 def _validate_descriptors(c: DescriptorConfig, where: str) -> None:

@@ -17,6 +17,7 @@ windows / classify / resample / write); compiled programs are cached under
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -53,15 +54,13 @@ from mlssp_jax.ops import cpu_env
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OVERLAP = 0.5
-DEFAULT_BATCH = 4
-
-
-def load_ensemble(workdir: Path, fold: int | None = None, tta: str = "none"
+def load_ensemble(workdir: Path, fold: int | None = None, tta: str | None = None
                   ) -> tuple[config_lib.Config, list[int], ensemble.Ensemble]:
-    """The run's config, the folds used and their best checkpoints stacked into one
-    :class:`~mlssp_jax.ensemble.Ensemble` (their mean on the device; ``tta`` views)."""
+    """The run's config, the folds used and their best checkpoints in one
+    :class:`~mlssp_jax.ensemble.Ensemble` (``tta`` views; None: the run's
+    ``inference.tta``)."""
     cfg = rundir.read_config(workdir)
+    tta = tta or cfg.inference.tta
     if not models.has_tasks(cfg.model.name)[0]:
         raise InputError(f"{workdir}: model '{cfg.model.name}' has no segmentation branch")
     done = rundir.finished_folds(workdir, cfg.train.num_folds)
@@ -92,31 +91,38 @@ brain_box = inference.brain_box
 resample_to_input = inference.resample_mask
 
 
+def window_settings(cfg: config_lib.Config) -> tuple[int, float, int]:
+    """(window edge in voxels, overlap, windows per batch) from ``cfg.inference``, its 0s
+    resolved: the training VOI, :func:`inference.auto_batch`."""
+    window = cfg.inference.window or cfg.data.voi_size
+    return (window, cfg.inference.overlap,
+            cfg.inference.batch_size or inference.auto_batch(window))
+
+
 def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.PredictFn,
-                 cfg: config_lib.Config, overlap: float = DEFAULT_OVERLAP,
-                 batch_size: int = DEFAULT_BATCH, window: int | None = None,
-                 gaussian: bool = True, timings: dict | None = None,
+                 cfg: config_lib.Config, timings: dict | None = None,
                  rule: dict | None = None) -> dict:
     """Mask (uint8, the input's shape), ``volume_ml``, ``avm_probability`` and the largest
     predicted lesion's ``descriptors`` of one scan.
 
     ``model``: an Ensemble (its ``windows`` call for the sliding windows, ``voi`` for the
-    classification VOI) or one predict_fn for both. ``window``: the sliding window's edge in
-    voxels (default: the training VOI). ``timings``, if given, receives ``(wall s, CPU s)``
-    of ``preprocess``, ``windows``, ``classify`` and ``resample`` (CPU: this process's
-    threads, a load-independent measure on a shared machine).
+    classification VOI) or one predict_fn for both. The sliding windows follow
+    ``cfg.inference`` (:func:`window_settings`, ``gaussian``). ``timings``, if given,
+    receives ``(wall s, CPU s)`` of ``preprocess``, ``windows``, ``classify`` and
+    ``resample`` (CPU: this process's threads, a load-independent measure on a shared
+    machine).
     """
     windows_fn, voi_fn = ((model.windows, model.voi) if isinstance(model, ensemble.Ensemble)
                           else (model, model))
     clock = _Clock(timings)
     pre = preprocess.preprocess_volume(image, None, cfg.data)
     clock.lap("preprocess")
-    window, threshold = window or cfg.data.voi_size, cfg.train.threshold
+    (window, overlap, batch_size), threshold = window_settings(cfg), cfg.train.threshold
     box = inference.brain_box(pre["brain"], window)
     prob = np.zeros(pre["image"].shape, np.float32)
     prob[box] = inference.sliding_window_predict(
         pre["image"][box], windows_fn, window, overlap, batch_size, progress=True,
-        brain=pre["brain"][box], gaussian=gaussian)
+        brain=pre["brain"][box], gaussian=cfg.inference.gaussian)
     found = metrics.binarize(prob, threshold)  # post-processing (None: brain only)
     kept = postprocess.apply(found, pre["brain"], rule or postprocess.NONE,
                              wholescan.voxel_ml(cfg.data.spacing_mm))
@@ -165,18 +171,20 @@ def _parser() -> cli.ArgumentParser:
                         help="NIfTI scans, folders of them, or DICOM series folders")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output directory")
     parser.add_argument("--fold", type=int, default=None, help="use this fold only")
-    parser.add_argument("--tta", nargs="?", const="all", default="none",
+    parser.add_argument("--tta", nargs="?", const="all", default=None,
                         choices=sorted(ensemble.TTA_MODES),
-                        help="test-time augmentation: none (default), flips (the 8 mirrorings, "
-                             "8x the windows' compute) or all (the 48 cube symmetries, 48x); "
-                             "--tta alone means all")
+                        help="test-time augmentation: none, flips (the 8 mirrorings, 8x the "
+                             "windows' compute) or all (the 48 cube symmetries, 48x); --tta "
+                             "alone means all (default: the run's inference.tta, none)")
     parser.add_argument("--window", type=int, default=None,
                         help="sliding-window edge in voxels, a multiple of 16 (default: the "
-                             "training VOI; larger windows change a quick model's masks, see "
-                             "README)")
-    parser.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP,
-                        help="sliding-window overlap in [0, 1)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="windows per batch")
+                             "run's inference.window, 0 = the training VOI; larger windows "
+                             "change a quick model's masks, see README)")
+    parser.add_argument("--overlap", type=float, default=None,
+                        help="sliding-window overlap in [0, 1) (default: inference.overlap)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="windows per batch (default: inference.batch_size, 0 = about "
+                             "4 x 32^3 voxels)")
     parser.add_argument("--no-gaussian", action="store_true",
                         help="average overlapping windows uniformly, not Gaussian-weighted")
     parser.add_argument("--dicom-seg", action="store_true",
@@ -193,12 +201,21 @@ def use_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", str(cache.cache_root() / "jax_cache"))
 
 
+def with_options(cfg: config_lib.Config, args) -> config_lib.Config:
+    """``cfg`` with the command's ``--window``/``--overlap``/``--batch-size``/``--tta``/
+    ``--no-gaussian`` (those given) in its ``inference`` section."""
+    given = {"window": args.window, "overlap": args.overlap, "batch_size": args.batch_size,
+             "tta": args.tta, "gaussian": False if args.no_gaussian else None}
+    updates = {k: v for k, v in given.items() if v is not None}
+    return dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, **updates))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cli.setup_logging()
-    if not 0.0 <= args.overlap < 1.0:
+    if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
         raise InputError(f"--overlap: must be in [0, 1), got {args.overlap}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.window is not None and (args.window < 16 or args.window % 16):
         raise InputError(f"--window: must be a positive multiple of 16, got {args.window}")
@@ -206,9 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify.check_scans(paths)  # every scan's headers, then its voxels, before any output
     use_compilation_cache()
     cfg, folds, model = load_ensemble(args.workdir, args.fold, args.tta)
-    window = args.window or cfg.data.voi_size
+    cfg = with_options(cfg, args)
+    window, overlap, batch = window_settings(cfg)
     info = {"model": cfg.model.name, "folds": folds, "threshold": cfg.train.threshold,
-            "tta": args.tta, "overlap": args.overlap, "window": window}
+            "tta": model.tta, "overlap": overlap, "window": window, "batch_size": batch,
+            "gaussian": cfg.inference.gaussian}
     rule = postprocess.ensemble_rule(args.workdir, folds)
     info["postprocessing"] = rule
     rows = []
@@ -219,8 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             clock = _Clock(timings)
             image = scans.load_scan(path)
             clock.lap("load")
-            result = predict_scan(image, model, cfg, args.overlap, args.batch_size, window,
-                                  not args.no_gaussian, timings, rule)
+            result = predict_scan(image, model, cfg, timings, rule)
             clock = _Clock(timings)
             row = scan_outputs.write_scan(stage, path, image, result, info, args.dicom_seg)
             clock.lap("write")

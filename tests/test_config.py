@@ -20,7 +20,9 @@ def test_toml_round_trip(tmp_path):
     c = config.apply_overrides(config.Config(), ["model.width=8", 'train.alpha="auto"',
                                                  'data.manifest="a \\"b\\".csv"',
                                                  "descriptors.rim_mm=3.0",
-                                                 'model.cls_pooling="lesion"'])
+                                                 'model.cls_pooling="lesion"',
+                                                 "inference.overlap=0.5",
+                                                 'inference.tta="flips"'])
     path = tmp_path / "c.toml"
     path.write_text(config.to_toml(c))
     assert config.load(path) == c
@@ -61,6 +63,13 @@ def test_int_accepted_for_float():
     ({"descriptors": {"vessel_min_hu": 95.0}}, "descriptors.vessel_min_hu must be <="),
     ({"descriptors": {"l2_penalty": -1.0}}, "descriptors.l2_penalty must be >= 0"),
     ({"descriptors": {"rim": 4.0}}, "unknown key 'descriptors.rim'"),
+    ({"inference": {"window": 40}}, "inference.window must be 0 (the training VOI) or"),
+    ({"inference": {"window": -16}}, "inference.window must be 0"),
+    ({"inference": {"overlap": 1.0}}, "inference.overlap must be in [0, 1)"),
+    ({"inference": {"overlap": -0.1}}, "inference.overlap must be in [0, 1)"),
+    ({"inference": {"batch_size": -1}}, "inference.batch_size must be >= 0"),
+    ({"inference": {"tta": "rotations"}}, "inference.tta must be one of none, flips, all"),
+    ({"inference": {"gaussian": "yes"}}, "inference.gaussian: expected bool"),
 ])
 def test_bad_values_are_input_errors(raw, message):
     with pytest.raises(InputError, match=None) as err:

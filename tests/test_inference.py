@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -118,6 +120,38 @@ def test_brain_only_windows_equal_all_windows_inside_the_brain():
     for start in kept:
         covered[tuple(slice(a, a + 16) for a in start)] = True
     np.testing.assert_array_equal(some[~covered], 0.0)
+
+
+def pointwise_model(images):
+    """Toy model whose output depends on each voxel alone (a network with no context)."""
+    return {"seg_prob": 1.0 / (1.0 + np.exp(-8.0 * (images - 0.5)))}
+
+
+@pytest.mark.parametrize("window, overlap", [(16, 0.5), (16, 0.25), (32, 0.5), (48, 0.0),
+                                             (64, 0.25)])
+def test_any_window_and_overlap_give_a_context_free_model_s_result(window, overlap):
+    """Window placement, Gaussian weighting, padding (64 > every axis) and the brain crop
+    are exact: a model without context gives the same probability in the brain whatever
+    the window, overlap and batch; the windows counted are the windows evaluated."""
+    rng = np.random.default_rng(5)
+    volume = rng.random((60, 44, 40), dtype=np.float32)
+    brain = np.zeros(volume.shape, bool)
+    brain[8:50, 6:40, 5:33] = ndimage.binary_dilation(rng.random((42, 34, 28)) > 0.7)
+    calls = []
+
+    def counted(images):
+        calls.append(len(images))
+        return pointwise_model(images)
+
+    prob = inference.predict_volume(volume, brain, types.SimpleNamespace(windows=counted),
+                                    window, overlap, batch_size=3)
+    np.testing.assert_allclose(prob[brain], pointwise_model(volume)["seg_prob"][brain],
+                               rtol=1e-6)
+    assert len(calls) == -(-inference.window_count(brain, window, overlap) // 3)
+
+
+def test_auto_batch_holds_about_four_32_cubed_windows_of_voxels():
+    assert [inference.auto_batch(w) for w in (16, 32, 48, 64, 96)] == [32, 4, 1, 1, 1]
 
 
 def test_uniform_weighting_is_the_plain_mean_of_overlapping_windows():

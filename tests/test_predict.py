@@ -54,12 +54,12 @@ def toy_model(images):
 
 
 def toy_config():
-    return config.apply_overrides(config.Config(), ["data.voi_size=32"])
+    return config.apply_overrides(config.Config(), ["data.voi_size=32", "inference.batch_size=8"])
 
 
 @pytest.fixture(scope="module")
 def toy_result():
-    return predict.predict_scan(phantom()[0], toy_model, toy_config(), batch_size=8)
+    return predict.predict_scan(phantom()[0], toy_model, toy_config())
 
 
 def dice(a, b):
@@ -101,12 +101,12 @@ def test_toy_model_mask_is_on_the_input_grid_and_finds_the_lesion(toy_result):
 
 def test_lps_copy_gives_the_same_mask_in_world_space(toy_result):
     image, _ = phantom(shape=(61, 59, 20))  # odd sizes: the flip is not a symmetry of the grid
-    ras = predict.predict_scan(image, toy_model, toy_config(), batch_size=8)
+    ras = predict.predict_scan(image, toy_model, toy_config())
     flip = np.diag([-1.0, -1.0, 1.0, 1.0])
     flip[:2, 3] = np.array(image.data.shape[:2]) - 1  # index i -> n - 1 - i on axes 0 and 1
     lps = nifti.Volume(data=image.data[::-1, ::-1].copy(), affine=image.affine @ flip,
                        path=image.path)
-    result = predict.predict_scan(lps, toy_model, toy_config(), batch_size=8)
+    result = predict.predict_scan(lps, toy_model, toy_config())
     np.testing.assert_array_equal(result["mask"][::-1, ::-1], ras["mask"])
     assert result["volume_ml"] == pytest.approx(ras["volume_ml"])
     assert ras["mask"].sum() > 100
