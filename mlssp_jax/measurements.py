@@ -111,9 +111,10 @@ def abc2(mask: np.ndarray, affine: np.ndarray, weighted: bool = False) -> ABC2 |
 
     Returns None for an empty mask. ``weighted``: Kothari's 25%/75% slice weighting for C.
     """
-    mask = largest_component(np.asarray(mask) > 0)
-    if not mask.any():
+    mask, offset = _lesion_box(np.asarray(mask) > 0)
+    if mask is None:
         return None
+    mask = largest_component(mask)
     axis = axial_axis(affine)
     plane = [a for a in range(3) if a != axis]
     areas = mask.sum(axis=tuple(plane))
@@ -128,5 +129,19 @@ def abc2(mask: np.ndarray, affine: np.ndarray, weighted: bool = False) -> ABC2 |
     a, b, a_ends, b_ends = _diameters(pixels, _plane_edges(affine, plane))
     c = slices * _slice_thickness_mm(affine, axis)
     lesion_ml = float(mask.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    in_plane = offset[plane]  # box coordinates -> the mask's own
     return ABC2(a_mm=a, b_mm=b, c_mm=c, volume_ml=a * b * c / 2 / 1000.0, lesion_ml=lesion_ml,
-                axis=axis, slice_index=index, a_ends=a_ends, b_ends=b_ends)
+                axis=axis, slice_index=index + int(offset[axis]), a_ends=a_ends + in_plane,
+                b_ends=b_ends + in_plane)
+
+
+def _lesion_box(mask: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """The bounding box of a bool ``(I, J, K)`` mask's voxels and its first corner (3,)
+    (None if empty): labelling components there, not on a 512 x 512 x N grid, takes
+    milliseconds instead of ~0.4 s."""
+    extents = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+               for axis in range(3)]
+    if extents[0].size == 0:
+        return None, np.zeros(3, int)
+    first = np.array([e[0] for e in extents])
+    return mask[tuple(slice(e[0], e[-1] + 1) for e in extents)], first

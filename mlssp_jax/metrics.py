@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
-from scipy import ndimage, stats
+from scipy import ndimage
 
 
 class Counts(NamedTuple):
@@ -123,13 +123,21 @@ def mean_metrics(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     return means
 
 
+def _stats():
+    """``scipy.stats``, imported on first use: it adds ~0.5-1 s to every command's start-up
+    (``predict`` needs none of it)."""
+    from scipy import stats
+
+    return stats
+
+
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Exact ROC AUC, ties counted one half (Mann-Whitney U / (n_pos n_neg)); nan if one class."""
     labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=float)
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = stats.rankdata(scores)  # average ranks for ties
+    ranks = _stats().rankdata(scores)  # average ranks for ties
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -237,7 +245,7 @@ def bootstrap_ci(statistic: Callable[..., float], *arrays: np.ndarray, n_resampl
 
 def _midranks(x: np.ndarray) -> np.ndarray:
     """Ranks along the last axis, ties averaged (1-based)."""
-    return stats.rankdata(x, axis=-1)
+    return _stats().rankdata(x, axis=-1)
 
 
 def delong_test(labels: np.ndarray, probs_a: np.ndarray,
@@ -264,7 +272,7 @@ def delong_test(labels: np.ndarray, probs_a: np.ndarray,
     if variance <= 0:
         p = 1.0 if np.isclose(difference, 0.0) else 0.0
     else:
-        p = float(2 * stats.norm.sf(abs(difference) / np.sqrt(variance)))
+        p = float(2 * _stats().norm.sf(abs(difference) / np.sqrt(variance)))
     return float(aucs[0]), float(aucs[1]), p
 
 

@@ -70,14 +70,25 @@ def load_ensemble(workdir: Path, fold: int | None = None, tta: str | None = None
         done = [fold]
     if not done:
         raise InputError(f"{workdir}: no finished fold (no fold_K/eval.json)")
-    params = [_restore(workdir, k) for k in done]
+    like = models.abstract_params(cfg.model, cfg.data.voi_size)  # once: tracing takes ~0.3 s
+    params = [_restore(workdir, k, like) for k in done]
     return cfg, done, ensemble.make_ensemble(cfg.model, params, tta)
 
 
-def _restore(workdir: Path, fold: int):
-    """The fold's best parameters; InputError naming the checkpoint folder if it is damaged."""
+def _restore(workdir: Path, fold: int, like):
+    """The fold's best parameters (the structure of ``like``); InputError naming the
+    checkpoint folder if there is none or it is damaged."""
+    directory = rundir.checkpoint_dir(workdir, fold)
+    if not directory.is_dir():
+        raise InputError(f"{directory}: no checkpoints (fold {fold} not trained?)")
     try:
-        return checkpointing.restore_best_params(workdir, fold)[0]
+        manager = checkpointing.open_manager(directory, read_only=True)
+        best = manager.best_step()
+        if best is None:
+            raise InputError(f"{directory}: no complete checkpoint")
+        params = checkpointing.restore_params(manager, best, like)[0]
+        manager.close()
+        return params
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many types on bad files
@@ -135,10 +146,12 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
                                    threshold)
     clock.lap("resample")
     label = None if avm_probability is None else int(metrics.binarize(avm_probability, threshold))
+    found = predicted_lesion_descriptors(pre, prob, cfg)
+    clock.lap("descriptors")
     return {"mask": mask, "volume_ml": float(mask.sum()) * image.voxel_volume_ml,
             "avm_probability": avm_probability, "label": label,
             "voi_centre_mm": (pre["affine"] @ np.append(centre, 1.0))[:3].round(1).tolist(),
-            "descriptors": predicted_lesion_descriptors(pre, prob, cfg)}
+            "descriptors": found}
 
 
 def predicted_lesion_descriptors(pre: dict, prob: np.ndarray, cfg: config_lib.Config) -> dict:
@@ -210,48 +223,70 @@ def with_options(cfg: config_lib.Config, args) -> config_lib.Config:
     return dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, **updates))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    cli.setup_logging()
+def _check_options(args) -> None:
     if args.overlap is not None and not 0.0 <= args.overlap < 1.0:
         raise InputError(f"--overlap: must be in [0, 1), got {args.overlap}")
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.window is not None and (args.window < 16 or args.window % 16):
         raise InputError(f"--window: must be a positive multiple of 16, got {args.window}")
+
+
+def _since_process_start() -> float:
+    """Wall seconds since this process started (Linux ``/proc``; nan elsewhere)."""
+    try:
+        ticks = float(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return float("nan")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    imports = (_since_process_start(), time.process_time())  # start-up and imports
+    args = _parser().parse_args(argv)
+    cli.setup_logging()
+    _check_options(args)
+    timings: dict = {"start-up": imports}
+    clock = _Clock(timings)
     paths = scans.scan_paths(args.image)
-    verify.check_scans(paths)  # every scan's headers, then its voxels, before any output
+    last = verify.check_scans(paths)  # every scan's headers, then voxels, before any output
+    clock.lap("check and read scans")
     use_compilation_cache()
     cfg, folds, model = load_ensemble(args.workdir, args.fold, args.tta)
     cfg = with_options(cfg, args)
     window, overlap, batch = window_settings(cfg)
     info = {"model": cfg.model.name, "folds": folds, "threshold": cfg.train.threshold,
             "tta": model.tta, "overlap": overlap, "window": window, "batch_size": batch,
-            "gaussian": cfg.inference.gaussian}
-    rule = postprocess.ensemble_rule(args.workdir, folds)
-    info["postprocessing"] = rule
+            "gaussian": cfg.inference.gaussian,
+            "postprocessing": postprocess.ensemble_rule(args.workdir, folds)}
+    clock.lap(f"restore {len(folds)} folds")
+    _log_timings("run", timings)
     rows = []
     with staged_outputs(args.out) as stage:  # into --out only once every scan succeeded
-        for path in tqdm(paths, desc="predict", unit="scan"):
-            start = time.perf_counter()
-            timings: dict = {}
+        for index, path in enumerate(tqdm(paths, desc="predict", unit="scan")):
+            start, timings = time.perf_counter(), {}
             clock = _Clock(timings)
-            image = scans.load_scan(path)
+            image = last if index == len(paths) - 1 else scans.load_scan(path)  # read once
             clock.lap("load")
-            result = predict_scan(image, model, cfg, timings, rule)
+            result = predict_scan(image, model, cfg, timings, info["postprocessing"])
             clock = _Clock(timings)
             row = scan_outputs.write_scan(stage, path, image, result, info, args.dicom_seg)
             clock.lap("write")
             rows.append({**row, "seconds": round(time.perf_counter() - start, 2)})
             log.info("%s: %.2f mL (ABC/2 %s mL), AVM probability %s", path.name,
                      result["volume_ml"], row["abc2_ml"], result["avm_probability"])
-            log.info("%s: wall s %s (CPU s %s)", path.name,
-                     " / ".join(f"{k} {v[0]:.2f}" for k, v in timings.items()),
-                     " / ".join(f"{v[1]:.2f}" for v in timings.values()))
+            _log_timings(path.name, timings)
         scan_outputs.write_table(stage, rows)
     return 0
 
 
+def _log_timings(what: str, timings: dict) -> None:
+    log.info("%s: wall s %s (CPU s %s)", what,
+             " / ".join(f"{k} {v[0]:.2f}" for k, v in timings.items()),
+             " / ".join(f"{v[1]:.2f}" for v in timings.values()))
+
+
 if __name__ == "__main__":
-    cpu_env.prepare_process()  # glibc malloc tunables and XLA flags, read at process start
+    cpu_env.prepare_process(reexec=False)  # XLA flags; no glibc re-exec (it would import
+    # everything again, ~2-5 s, and the tunables did not change the windows' time: 2.0 CPU-s)
     raise SystemExit(cli.run_command(main))

@@ -76,14 +76,17 @@ def load_subject(subject: Subject) -> tuple[nifti.Volume, nifti.Volume | None]:
     return image, mask
 
 
-def check_scans(paths: Sequence[Path]) -> None:
+def check_scans(paths: Sequence[Path]) -> nifti.Volume | None:
     """Every scan's header, then every scan's voxels (3-D, finite HU): before any output.
 
-    ``paths`` are NIfTI files or DICOM series folders (:func:`mlssp_jax.scans.scan_paths`)."""
+    ``paths`` are NIfTI files or DICOM series folders (:func:`mlssp_jax.scans.scan_paths`).
+    Returns the last scan's volume (a caller with one scan need not read it again)."""
     for path in paths:
         check_scan_header(path)
+    volume = None
     for path in paths:
-        scans.load_scan(path)
+        volume = scans.load_scan(path)
+    return volume
 
 
 def verify_dataset(subjects: Sequence[Subject], read_data: bool = True) -> None:

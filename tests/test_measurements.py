@@ -86,3 +86,18 @@ def test_oblique_and_tilted_grids():
 
 def test_empty_mask_has_no_measurement():
     assert measurements.abc2(np.zeros((4, 4, 4)), np.eye(4)) is None
+
+
+def test_measurement_is_placed_in_the_whole_mask_s_coordinates():
+    """The lesion is measured in its bounding box; slice and end points refer to the mask."""
+    small = np.zeros((12, 14, 6), np.uint8)
+    small[2:9, 3:8, 1:4] = 1
+    small[0, 0, 5] = 1  # a speck: not the largest lesion, but it widens the box
+    shift = np.array([30, 17, 9])
+    large = np.zeros((60, 50, 20), np.uint8)
+    large[tuple(slice(s, s + n) for s, n in zip(shift, small.shape, strict=True))] = small
+    affine = np.diag([0.5, 0.5, 4.0, 1.0])
+    a, b = measurements.abc2(small, affine), measurements.abc2(large, affine)
+    assert b.volume_ml == a.volume_ml and b.slice_index == a.slice_index + shift[2]
+    np.testing.assert_allclose(b.a_ends, a.a_ends + shift[:2])
+    np.testing.assert_allclose(b.b_ends, a.b_ends + shift[:2])

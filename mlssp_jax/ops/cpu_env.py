@@ -119,9 +119,12 @@ def maybe_reexec() -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
-def prepare_process() -> None:
-    """A command's first call (before JAX starts): :func:`maybe_reexec`, then the XLA flags
-    of :func:`configure_environment` if the convolutions will run as XLA convs (oneDNN not
-    buildable here; :func:`onednn.buildable` compiles nothing and starts no backend)."""
-    maybe_reexec()
+def prepare_process(reexec: bool = True) -> None:
+    """A command's first call (before JAX starts): :func:`maybe_reexec` (if ``reexec``), then
+    the XLA flags of :func:`configure_environment` if the convolutions will run as XLA convs
+    (oneDNN not buildable here; :func:`onednn.buildable` compiles nothing and starts no
+    backend). ``reexec=False`` for short commands (``predict``): the re-executed process
+    imports every module again (2-5 s), more than the tunables save there."""
+    if reexec:
+        maybe_reexec()
     configure_environment(xla_convs=not onednn.buildable())
