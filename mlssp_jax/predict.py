@@ -208,7 +208,11 @@ def _parser() -> cli.ArgumentParser:
 def use_compilation_cache() -> None:
     """Keep XLA's compiled programs in ``$MLSSP_JAX_CACHE/jax_cache`` (default
     ``~/.cache/mlssp_jax/jax_cache``; JAX_COMPILATION_CACHE_DIR, if set, wins), so a second
-    ``predict`` with the same model, window and batch does not compile again."""
+    ``predict`` with the same model, window and batch does not compile again. Every program
+    is kept: JAX's default keeps only those that took >= 1 s to compile, and the windows
+    call compiles in 0.5-2 s depending on the machine's load, so a warm run compiled it
+    again about every other time."""
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     jax.config.update("jax_compilation_cache_dir", str(cache.cache_root() / "jax_cache"))
