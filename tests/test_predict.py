@@ -129,6 +129,32 @@ def test_bad_inputs_are_errors(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--tta" in capsys.readouterr().err
 
 
+def test_a_bad_inference_setting_in_the_run_s_config_is_one_error(tmp_path, capsys):
+    write_fake_run(tmp_path / "run", model="mlssp")
+    path = tmp_path / "run" / "config.toml"
+    path.write_text(path.read_text().replace("overlap = 0.25", "overlap = 1.5"))
+    image, _ = phantom()
+    nib.save(nib.Nifti1Image(image.data, image.affine), tmp_path / "scan.nii.gz")
+    argv = ["--workdir", str(tmp_path / "run"), "--image", str(tmp_path / "scan.nii.gz"),
+            "--out", str(tmp_path / "out")]
+    assert run_command(predict.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "inference.overlap" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_s_options_override_the_run_s_inference_section():
+    args = predict._parser().parse_args(["--workdir", "W", "--image", "x", "--overlap", "0.5",
+                                         "--no-gaussian", "--tta", "flips"])
+    cfg = predict.with_options(toy_config(), args)
+    assert (cfg.inference.overlap, cfg.inference.gaussian, cfg.inference.tta) == (0.5, False,
+                                                                                  "flips")
+    assert predict.window_settings(cfg) == (32, 0.5, 8)  # window 0: the VOI; batch from cfg
+    default = predict.with_options(config.Config(), predict._parser().parse_args(
+        ["--workdir", "W", "--image", "x"]))
+    assert predict.window_settings(default) == (64, 0.25, 1)  # 64^3 VOI: one window a call
+
+
 def test_a_run_without_segmentation_or_finished_folds_is_refused(tmp_path):
     write_fake_run(tmp_path / "cnn", model="cnn")
     with pytest.raises(InputError, match="no segmentation branch"):
