@@ -159,7 +159,7 @@ class TrainConfig:
     0 = the paper); ``batch_dice``: the Dice over the whole batch (false = the paper's
     per-sample mean). Inner validation and selection: the VOI protocol for
     ``data.sampling = "lesion"``; whole scans for ``"whole_volume"`` (sliding windows with
-    ``val_overlap``, cheaper than predict's 0.5),
+    ``val_overlap``, cheaper than the held-out evaluation's 0.5),
     which also chooses the post-processing among none, the largest component, and dropping
     components under each of ``postprocess_min_ml`` (mL).
     """

@@ -125,7 +125,9 @@ def segmentation_block(per_subject: list[dict]) -> dict:
     return {**means, "per_subject": per_subject}
 
 
-EVAL_OVERLAP = 0.5  # the held-out evaluation's and post-processing choice's (predict's default)
+# the held-out evaluation's and the post-processing choice's overlap (predict's default was
+# 0.5 too; it is now the run's inference.overlap, 0.25 by default)
+EVAL_OVERLAP = 0.5
 
 
 def choose_postprocessing(volumes: Sequence[dict], probs: Sequence[np.ndarray],
