@@ -68,7 +68,8 @@ def axial_view(data: np.ndarray, affine: np.ndarray, index: int) -> tuple[np.nda
     axis = measurements.axial_axis(affine)
     plane = [a for a in range(3) if a != axis]
     row, _, flip_r, flip_c, aspect = _display(affine, axis)
-    return _oriented(np.take(data, index, axis=axis), plane, row, flip_r, flip_c), aspect
+    plane_2d = data[(slice(None),) * axis + (index,)]  # a view: np.take would first copy the
+    return _oriented(plane_2d, plane, row, flip_r, flip_c), aspect  # volume (~0.1 s a slice)
 
 
 def _to_display(ends: np.ndarray, plane_axes: list[int], row: int, shape: tuple[int, int],
