@@ -3,16 +3,17 @@
 ``python -m mlssp_jax.predict --workdir W --image SCAN [SCAN ...|DIR] [--out O] [--fold K]
 [--tta [none|flips|all]] [--window S] [--overlap F] [--batch-size B] [--no-gaussian]``: each
 scan is preprocessed as in training (no mask), segmented by Gaussian-weighted sliding windows
-over the brain (only windows holding a brain voxel) with the ensemble of the run's finished
-folds (or fold K; their mean and the TTA views computed on the device),
+over the brain (only windows holding a brain voxel; window, overlap, batch, weighting and
+TTA from the run's ``[inference]`` config section, each option overriding its field) with
+the ensemble of the run's finished folds (or fold K; TTA views computed on the device),
 classified from the VOI centred on the largest predicted lesion, and its mask resampled
 back (trilinear probability, then threshold) to the scan's own grid and affine. Writes
 ``O/<name>_mask.nii.gz`` (the scan's shape and affine) and ``O/<name>.json``, plus
 ``O/<name>_overlay.png`` and ``O/predictions.csv`` (:mod:`mlssp_jax.scan_outputs`). A SCAN
 is a NIfTI file or a DICOM series folder; a DIR of NIfTI files means those files
-(:mod:`mlssp_jax.scans`). Logs each scan's wall and CPU seconds (load / preprocess /
-windows / classify / resample / write); compiled programs are cached under
-``$MLSSP_JAX_CACHE/jax_cache``.
+(:mod:`mlssp_jax.scans`). Logs the wall and CPU seconds of the start-up and of each scan
+(load / preprocess / windows / classify / resample / descriptors / write); compiled
+programs are cached under ``$MLSSP_JAX_CACHE/jax_cache``.
 """
 
 from __future__ import annotations
@@ -119,8 +120,8 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
     ``model``: an Ensemble (its ``windows`` call for the sliding windows, ``voi`` for the
     classification VOI) or one predict_fn for both. The sliding windows follow
     ``cfg.inference`` (:func:`window_settings`, ``gaussian``). ``timings``, if given,
-    receives ``(wall s, CPU s)`` of ``preprocess``, ``windows``, ``classify`` and
-    ``resample`` (CPU: this process's threads, a load-independent measure on a shared
+    receives ``(wall s, CPU s)`` of ``preprocess``, ``windows``, ``classify``, ``resample``
+    and ``descriptors`` (CPU: this process's threads, a load-independent measure on a shared
     machine).
     """
     windows_fn, voi_fn = ((model.windows, model.voi) if isinstance(model, ensemble.Ensemble)
@@ -146,12 +147,12 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
                                    threshold)
     clock.lap("resample")
     label = None if avm_probability is None else int(metrics.binarize(avm_probability, threshold))
-    found = predicted_lesion_descriptors(pre, prob, cfg)
+    lesion = predicted_lesion_descriptors(pre, prob, cfg)
     clock.lap("descriptors")
     return {"mask": mask, "volume_ml": float(mask.sum()) * image.voxel_volume_ml,
             "avm_probability": avm_probability, "label": label,
             "voi_centre_mm": (pre["affine"] @ np.append(centre, 1.0))[:3].round(1).tolist(),
-            "descriptors": found}
+            "descriptors": lesion}
 
 
 def predicted_lesion_descriptors(pre: dict, prob: np.ndarray, cfg: config_lib.Config) -> dict:
