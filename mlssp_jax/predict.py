@@ -111,15 +111,17 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
     clock = _Clock(timings)
     pre = preprocess.preprocess_volume(image, None, cfg.data)
     clock.lap("preprocess")
-    window, threshold = window or cfg.data.voi_size, cfg.train.threshold
+    rule = rule or postprocess.NONE
+    window = window or cfg.data.voi_size
+    threshold = postprocess.threshold_of(rule, cfg.train.threshold)
     box = inference.brain_box(pre["brain"], window)
     prob = np.zeros(pre["image"].shape, np.float32)
     prob[box] = inference.sliding_window_predict(
         pre["image"][box], windows_fn, window, overlap, batch_size, progress=True,
         brain=pre["brain"][box], gaussian=gaussian)
     found = metrics.binarize(prob, threshold)  # post-processing (None: brain only)
-    kept = postprocess.apply(found, pre["brain"], rule or postprocess.NONE,
-                             wholescan.voxel_ml(cfg.data.spacing_mm))
+    kept = postprocess.apply(found, pre["brain"], rule, wholescan.voxel_ml(cfg.data.spacing_mm),
+                             hu=pre["hu"])
     prob = np.where(found & ~kept, 0.0, prob)  # removed components become background
     clock.lap("windows")
     avm_probability, centre = inference.classify(pre["image"], prob, voi_fn, cfg.data.voi_size,
@@ -128,17 +130,19 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
     mask = inference.resample_mask(prob, pre["affine"], image.affine, image.data.shape,
                                    threshold)
     clock.lap("resample")
-    label = None if avm_probability is None else int(metrics.binarize(avm_probability, threshold))
+    label = (None if avm_probability is None
+             else int(metrics.binarize(avm_probability, cfg.train.threshold)))
     return {"mask": mask, "volume_ml": float(mask.sum()) * image.voxel_volume_ml,
             "avm_probability": avm_probability, "label": label,
             "voi_centre_mm": (pre["affine"] @ np.append(centre, 1.0))[:3].round(1).tolist(),
-            "descriptors": predicted_lesion_descriptors(pre, prob, cfg)}
+            "descriptors": predicted_lesion_descriptors(pre, prob, cfg, threshold)}
 
 
-def predicted_lesion_descriptors(pre: dict, prob: np.ndarray, cfg: config_lib.Config) -> dict:
+def predicted_lesion_descriptors(pre: dict, prob: np.ndarray, cfg: config_lib.Config,
+                                 threshold: float) -> dict:
     """:mod:`mlssp_jax.descriptors` of the largest predicted lesion (``prob`` (D, H, W) on
-    the preprocessed grid of ``pre``, binarised at ``train.threshold``)."""
-    lesion = masks.largest_component(metrics.binarize(prob, cfg.train.threshold))
+    the preprocessed grid of ``pre``, binarised at the segmentation ``threshold``)."""
+    lesion = masks.largest_component(metrics.binarize(prob, threshold))
     return descriptors.lesion_descriptors(
         lesion, pre["brain"], image=pre["image"], hu=pre.get("hu"),
         spacing_mm=cfg.data.spacing_mm,
