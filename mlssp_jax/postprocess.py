@@ -103,15 +103,18 @@ def load(fold_dir: Path) -> dict:
         raise InputError(f"{path}: not a post-processing file: {err}") from None
 
 
-def ensemble_rule(workdir: Path, folds: Sequence[int]) -> dict:
-    """The rule for an ensemble of ``folds``: the component rule most folds chose (ties: the
-    lowest fold's), at the median of the folds' thresholds if they chose any."""
+def ensemble_rule(workdir: Path, folds: Sequence[int]) -> tuple[dict, list[float]]:
+    """The rule for an ensemble of ``folds`` and each fold's threshold.
+
+    The rule is the one most folds chose (ties: the lowest fold's), without a threshold: the
+    ensemble recentres each fold's probabilities on its own threshold
+    (:func:`mlssp_jax.ensemble.logit_offset`) and applies the config's. A fold that chose no
+    threshold has None.
+    """
     rules = [load(rundir.fold_dir(workdir, k)) for k in folds]
     def key(rule: dict) -> str:
         return json.dumps({k: v for k, v in rule.items() if k != "threshold"}, sort_keys=True)
     counts = Counter(key(r) for r in rules)
-    rule = dict(max(rules, key=lambda r: counts[key(r)]))
-    chosen = [r["threshold"] for r in rules if "threshold" in r]
-    if chosen:
-        rule["threshold"] = float(np.median(chosen))
-    return rule
+    rule = {k: v for k, v in max(rules, key=lambda r: counts[key(r)]).items()
+            if k != "threshold"}
+    return rule, [r.get("threshold") for r in rules]

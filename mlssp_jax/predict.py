@@ -60,7 +60,8 @@ DEFAULT_BATCH = 4
 def load_ensemble(workdir: Path, fold: int | None = None, tta: str = "none"
                   ) -> tuple[config_lib.Config, list[int], ensemble.Ensemble]:
     """The run's config, the folds used and their best checkpoints stacked into one
-    :class:`~mlssp_jax.ensemble.Ensemble` (their mean on the device; ``tta`` views)."""
+    :class:`~mlssp_jax.ensemble.Ensemble` (their mean on the device; ``tta`` views), each
+    fold's probabilities recentred on the threshold it chose on its inner validation."""
     cfg = rundir.read_config(workdir)
     if not models.has_tasks(cfg.model.name)[0]:
         raise InputError(f"{workdir}: model '{cfg.model.name}' has no segmentation branch")
@@ -72,7 +73,10 @@ def load_ensemble(workdir: Path, fold: int | None = None, tta: str = "none"
     if not done:
         raise InputError(f"{workdir}: no finished fold (no fold_K/eval.json)")
     params = [_restore(workdir, k) for k in done]
-    return cfg, done, ensemble.make_ensemble(cfg.model, params, tta)
+    _, thresholds = postprocess.ensemble_rule(workdir, done)
+    offsets = [ensemble.logit_offset(t or cfg.train.threshold, cfg.train.threshold)
+               for t in thresholds]
+    return cfg, done, ensemble.make_ensemble(cfg.model, params, tta, offsets)
 
 
 def _restore(workdir: Path, fold: int):
@@ -213,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     window = args.window or cfg.data.voi_size
     info = {"model": cfg.model.name, "folds": folds, "threshold": cfg.train.threshold,
             "tta": args.tta, "overlap": args.overlap, "window": window}
-    rule = postprocess.ensemble_rule(args.workdir, folds)
+    rule, _ = postprocess.ensemble_rule(args.workdir, folds)
     info["postprocessing"] = rule
     rows = []
     with staged_outputs(args.out) as stage:  # into --out only once every scan succeeded

@@ -37,8 +37,8 @@ def test_choice_takes_the_best_score_and_the_simplest_of_equals(tmp_path):
     postprocess.save(tmp_path / "fold_2", {"name": "none"}, scored)
     assert postprocess.load(tmp_path / "fold_0") == best
     assert postprocess.load(tmp_path / "fold_9") == {"name": "none"}  # older runs: none
-    assert postprocess.ensemble_rule(tmp_path, [0, 1, 2]) == {"name": "none"}
-    assert postprocess.ensemble_rule(tmp_path, [0, 1]) == best  # a tie: the lowest fold's
+    assert postprocess.ensemble_rule(tmp_path, [0, 1, 2]) == ({"name": "none"}, [None] * 3)
+    assert postprocess.ensemble_rule(tmp_path, [0, 1])[0] == best  # a tie: the lowest fold's
     (tmp_path / "fold_3").mkdir()
     (tmp_path / "fold_3" / postprocess.FILE_NAME).write_text("{")
     with pytest.raises(InputError, match="fold_3"):
@@ -63,8 +63,8 @@ def test_thresholds_and_the_density_cap_are_part_of_the_rule(tmp_path):
         postprocess.apply(mask, brain, {"name": "none", "max_hu": 130.0}, 1e-3)
     for fold, t in enumerate([0.4, 0.6, 0.7]):
         postprocess.save(tmp_path / f"fold_{fold}", {"name": "largest", "threshold": t}, [])
-    assert postprocess.ensemble_rule(tmp_path, [0, 1, 2]) == {"name": "largest",
-                                                              "threshold": 0.6}
+    assert postprocess.ensemble_rule(tmp_path, [0, 1, 2]) == ({"name": "largest"},
+                                                              [0.4, 0.6, 0.7])
 
 
 def test_the_chosen_threshold_is_the_one_of_best_validation_dsc():
