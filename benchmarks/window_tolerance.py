@@ -99,6 +99,7 @@ def scan_volume(image_path: Path, mask_path: Path | None, cfg) -> list[dict]:
     pre = preprocess.preprocess_volume(image, mask, cfg.data)
     truth = pre.get("mask")
     return [{"subject_id": image_path.name, "image": pre["image"], "brain": pre["brain"],
+             "hu": pre.get("hu"),
              "mask": np.zeros_like(pre["brain"]) if truth is None else truth,
              "spacing_mm": cfg.data.spacing_mm}]
 
@@ -171,10 +172,11 @@ def compare(volumes: list[dict], results: list[dict], rule: dict, threshold: flo
     dsc_ref, dsc_truth, dmax, dmean = [], [], [], []
     for volume, res in zip(volumes, results, strict=True):
         vox_ml = wholescan.voxel_ml(volume["spacing_mm"])
+        hu = volume.get("hu")
         mask = postprocess.apply(metrics.binarize(res["prob"], threshold), volume["brain"],
-                                 rule, vox_ml)
+                                 rule, vox_ml, hu=hu)
         ref = postprocess.apply(metrics.binarize(res["ref"], threshold), volume["brain"],
-                                rule, vox_ml)
+                                rule, vox_ml, hu=hu)
         dsc_ref.append(wholescan.dsc(mask, ref))
         dsc_truth.append(wholescan.dsc(mask, volume["mask"].astype(bool)))
         diff = np.abs(res["prob"] - res["ref"])[volume["brain"].astype(bool)]
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     _, _, model = predict.load_ensemble(args.workdir, fold)
     volumes = (scan_volume(args.image, args.mask, cfg) if args.image
                else held_out_volumes(args.workdir, cfg, fold, args.subjects))
-    rule = postprocess.ensemble_rule(args.workdir, [fold])
+    rule = postprocess.ensemble_rule(args.workdir, [fold])[0]  # threshold: the config's
     voi = cfg.data.voi_size
     texts = args.settings or DEFAULT_SETTINGS
     per_voxel = flops_per_voxel(model, voi)

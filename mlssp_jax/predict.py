@@ -59,7 +59,8 @@ def load_ensemble(workdir: Path, fold: int | None = None, tta: str | None = None
                   ) -> tuple[config_lib.Config, list[int], ensemble.Ensemble]:
     """The run's config, the folds used and their best checkpoints in one
     :class:`~mlssp_jax.ensemble.Ensemble` (``tta`` views; None: the run's
-    ``inference.tta``)."""
+    ``inference.tta``), each fold's probabilities recentred on the threshold it chose on its
+    inner validation."""
     cfg = rundir.read_config(workdir)
     tta = tta or cfg.inference.tta
     if not models.has_tasks(cfg.model.name)[0]:
@@ -73,7 +74,10 @@ def load_ensemble(workdir: Path, fold: int | None = None, tta: str | None = None
         raise InputError(f"{workdir}: no finished fold (no fold_K/eval.json)")
     like = models.abstract_params(cfg.model, cfg.data.voi_size)  # once: tracing takes ~0.3 s
     params = [_restore(workdir, k, like) for k in done]
-    return cfg, done, ensemble.make_ensemble(cfg.model, params, tta)
+    _, thresholds = postprocess.ensemble_rule(workdir, done)
+    offsets = [ensemble.logit_offset(t or cfg.train.threshold, cfg.train.threshold)
+               for t in thresholds]
+    return cfg, done, ensemble.make_ensemble(cfg.model, params, tta, offsets)
 
 
 def _restore(workdir: Path, fold: int, like):
@@ -129,15 +133,17 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
     clock = _Clock(timings)
     pre = preprocess.preprocess_volume(image, None, cfg.data)
     clock.lap("preprocess")
-    (window, overlap, batch_size), threshold = window_settings(cfg), cfg.train.threshold
+    rule = rule or postprocess.NONE
+    window, overlap, batch_size = window_settings(cfg)
+    threshold = postprocess.threshold_of(rule, cfg.train.threshold)
     box = inference.brain_box(pre["brain"], window)
     prob = np.zeros(pre["image"].shape, np.float32)
     prob[box] = inference.sliding_window_predict(
         pre["image"][box], windows_fn, window, overlap, batch_size, progress=True,
         brain=pre["brain"][box], gaussian=cfg.inference.gaussian)
     found = metrics.binarize(prob, threshold)  # post-processing (None: brain only)
-    kept = postprocess.apply(found, pre["brain"], rule or postprocess.NONE,
-                             wholescan.voxel_ml(cfg.data.spacing_mm))
+    kept = postprocess.apply(found, pre["brain"], rule, wholescan.voxel_ml(cfg.data.spacing_mm),
+                             hu=pre["hu"])
     prob = np.where(found & ~kept, 0.0, prob)  # removed components become background
     clock.lap("windows")
     avm_probability, centre = inference.classify(pre["image"], prob, voi_fn, cfg.data.voi_size,
@@ -146,8 +152,9 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
     mask = inference.resample_mask(prob, pre["affine"], image.affine, image.data.shape,
                                    threshold)
     clock.lap("resample")
-    label = None if avm_probability is None else int(metrics.binarize(avm_probability, threshold))
-    lesion = predicted_lesion_descriptors(pre, prob, cfg)
+    label = (None if avm_probability is None
+             else int(metrics.binarize(avm_probability, cfg.train.threshold)))
+    lesion = predicted_lesion_descriptors(pre, prob, cfg, threshold)
     clock.lap("descriptors")
     return {"mask": mask, "volume_ml": float(mask.sum()) * image.voxel_volume_ml,
             "avm_probability": avm_probability, "label": label,
@@ -155,10 +162,11 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
             "descriptors": lesion}
 
 
-def predicted_lesion_descriptors(pre: dict, prob: np.ndarray, cfg: config_lib.Config) -> dict:
+def predicted_lesion_descriptors(pre: dict, prob: np.ndarray, cfg: config_lib.Config,
+                                 threshold: float) -> dict:
     """:mod:`mlssp_jax.descriptors` of the largest predicted lesion (``prob`` (D, H, W) on
-    the preprocessed grid of ``pre``, binarised at ``train.threshold``)."""
-    lesion = masks.largest_component(metrics.binarize(prob, cfg.train.threshold))
+    the preprocessed grid of ``pre``, binarised at the segmentation ``threshold``)."""
+    lesion = masks.largest_component(metrics.binarize(prob, threshold))
     return descriptors.lesion_descriptors(
         lesion, pre["brain"], image=pre["image"], hu=pre.get("hu"),
         spacing_mm=cfg.data.spacing_mm,
@@ -263,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = {"model": cfg.model.name, "folds": folds, "threshold": cfg.train.threshold,
             "tta": model.tta, "overlap": overlap, "window": window, "batch_size": batch,
             "gaussian": cfg.inference.gaussian,
-            "postprocessing": postprocess.ensemble_rule(args.workdir, folds)}
+            "postprocessing": postprocess.ensemble_rule(args.workdir, folds)[0]}
     clock.lap(f"restore {len(folds)} folds")
     _log_timings("run", timings)
     rows = []
