@@ -128,11 +128,6 @@ def segmentation_block(per_subject: list[dict]) -> dict:
     return {**means, "per_subject": per_subject}
 
 
-# the held-out evaluation's and the post-processing choice's overlap (predict's default was
-# 0.5 too; it is now the run's inference.overlap, 0.25 by default)
-EVAL_OVERLAP = 0.5
-
-
 def choose_postprocessing(volumes: Sequence[dict], probs: Sequence[np.ndarray],
                           train_cfg) -> tuple[dict, list[dict]]:
     """The post-processing rule of best mean DSC on ``volumes`` and each candidate's score,

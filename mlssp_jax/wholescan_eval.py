@@ -62,7 +62,7 @@ def choose_postprocessing(config: config_lib.Config, predict_fn: ApplyFn, params
     if not segments(config, volumes):
         return dict(postprocess.NONE)
     run = wholescan.run(volumes, numpy_predict_fn(predict_fn, params, mesh), config,
-                        wholescan.EVAL_OVERLAP)
+                        config.inference.overlap)
     if parallel.is_main_process():
         postprocess.save(rundir.fold_dir(workdir, fold), run["rule"], run["scored"])
     log.info("post-processing chosen on %d inner-validation scans: %s (%s)", len(volumes),
@@ -78,7 +78,7 @@ def held_out(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
     if not segments(config, volumes):
         return None
     run = wholescan.run(volumes, numpy_predict_fn(predict_fn, params, mesh), config,
-                        wholescan.EVAL_OVERLAP, rule)
+                        config.inference.overlap, rule)
     return {"segmentation": run["segmentation"],
             "classification": fold_eval.classification_result(run["classification_rows"],
                                                               config.train.threshold)}
