@@ -35,7 +35,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from mlssp_jax.config import DescriptorConfig
+from mlssp_jax import masks
+from mlssp_jax.config import Config, DescriptorConfig
 
 DESCRIPTOR_NAMES = ("volume_ml", "log_volume_ml", "centroid_depth_mm", "min_depth_mm",
                     "solidity", "hu_mean", "hu_std", "rim_hu_mean", "vessel_fraction")
@@ -216,5 +217,21 @@ def lesion_descriptors(mask: np.ndarray, brain: np.ndarray, *, image: np.ndarray
     return out
 
 
+def largest_lesion_descriptors(mask: np.ndarray, volume: dict,
+                               config: Config) -> dict[str, float | None]:
+    """The descriptors of the largest (6-connected) component of a predicted ``mask``
+    (D, H, W) on a preprocessed grid: ``volume`` holds its ``brain``, ``image`` and, if at
+    hand, ``hu`` (a preprocessed npz's or :func:`mlssp_jax.preprocess.preprocess_volume`'s
+    arrays); window, spacing and shells from ``config``. An empty mask: volume 0, the rest None.
+    """
+    return lesion_descriptors(masks.largest_component(np.asarray(mask, bool)), volume["brain"],
+                              image=volume["image"], hu=volume.get("hu"),
+                              spacing_mm=config.data.spacing_mm,
+                              window_hu=(config.data.window_level_hu,
+                                         config.data.window_width_hu),
+                              cfg=config.descriptors)
+
+
 __all__ = ["DESCRIPTOR_NAMES", "depth_below_surface_mm", "grown_box", "hu_from_window",
-           "lesion_depths_mm", "lesion_descriptors", "shell_margin", "solidity"]
+           "largest_lesion_descriptors", "lesion_depths_mm", "lesion_descriptors",
+           "shell_margin", "solidity"]
