@@ -31,10 +31,11 @@ from mlssp_jax import (
     cache,
     checkpointing,
     cli,
+    descriptor_classifier,
+    descriptor_eval,
     descriptors,
     ensemble,
     inference,
-    masks,
     metrics,
     models,
     nifti,
@@ -138,11 +139,8 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
 def predicted_lesion_descriptors(pre: dict, prob: np.ndarray, cfg: config_lib.Config) -> dict:
     """:mod:`mlssp_jax.descriptors` of the largest predicted lesion (``prob`` (D, H, W) on
     the preprocessed grid of ``pre``, binarised at ``train.threshold``)."""
-    lesion = masks.largest_component(metrics.binarize(prob, cfg.train.threshold))
-    return descriptors.lesion_descriptors(
-        lesion, pre["brain"], image=pre["image"], hu=pre.get("hu"),
-        spacing_mm=cfg.data.spacing_mm,
-        window_hu=(cfg.data.window_level_hu, cfg.data.window_width_hu), cfg=cfg.descriptors)
+    return descriptors.largest_lesion_descriptors(metrics.binarize(prob, cfg.train.threshold),
+                                                  pre, cfg)
 
 
 class _Clock:
@@ -211,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tta": args.tta, "overlap": args.overlap, "window": window}
     rule = postprocess.ensemble_rule(args.workdir, folds)
     info["postprocessing"] = rule
+    classifiers = descriptor_eval.load_fold_models(args.workdir, folds)
+    info["descriptor_classifier_folds"] = [
+        k for k in folds if rundir.descriptor_classifier_path(args.workdir, k).is_file()]
     rows = []
     with staged_outputs(args.out) as stage:  # into --out only once every scan succeeded
         for path in tqdm(paths, desc="predict", unit="scan"):
@@ -221,12 +222,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             clock.lap("load")
             result = predict_scan(image, model, cfg, args.overlap, args.batch_size, window,
                                   not args.no_gaussian, timings, rule)
+            # the folds' descriptor classifiers on the predicted lesion (None: no lesion, or a
+            # run without descriptor_classifier.json files)
+            result["descriptor_avm_probability"] = descriptor_classifier.lesion_probabilities(
+                classifiers, [result["descriptors"]])[0]
             clock = _Clock(timings)
             row = scan_outputs.write_scan(stage, path, image, result, info, args.dicom_seg)
             clock.lap("write")
             rows.append({**row, "seconds": round(time.perf_counter() - start, 2)})
-            log.info("%s: %.2f mL (ABC/2 %s mL), AVM probability %s", path.name,
-                     result["volume_ml"], row["abc2_ml"], result["avm_probability"])
+            log.info("%s: %.2f mL (ABC/2 %s mL), AVM probability %s (descriptors: %s)",
+                     path.name, result["volume_ml"], row["abc2_ml"], result["avm_probability"],
+                     result["descriptor_avm_probability"])
             log.info("%s: wall s %s (CPU s %s)", path.name,
                      " / ".join(f"{k} {v[0]:.2f}" for k, v in timings.items()),
                      " / ".join(f"{v[1]:.2f}" for v in timings.values()))

@@ -17,7 +17,8 @@ import pytest
 from helpers import write_fake_run
 from scipy import ndimage
 
-from mlssp_jax import config, manifest, nifti, predict
+from mlssp_jax import config, manifest, nifti, predict, rundir
+from mlssp_jax import descriptor_classifier as clf
 from mlssp_jax.cli import run_command
 from mlssp_jax.descriptors import DESCRIPTOR_NAMES
 from mlssp_jax.errors import InputError
@@ -160,6 +161,36 @@ def test_command_writes_mask_and_json_on_the_inputs_grid(tiny_run, tiny_cohort, 
         assert set(record["descriptors"]) == set(DESCRIPTOR_NAMES)
         assert record["descriptors"]["volume_ml"] >= 0
         assert record["label"] == int(record["avm_probability"] >= record["threshold"])
+        _check_descriptor_probability(record, tiny_run)
+    table = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
+    assert "descriptor_avm_probability" in table[0].split(",")
+
+
+def _check_descriptor_probability(record, workdir):
+    """The fold's descriptor classifier applied to the JSON's descriptors; None: no lesion."""
+    if not record["descriptors"]["volume_ml"]:
+        assert record["descriptor_avm_probability"] is None
+        return
+    model = clf.DescriptorClassifier.load(rundir.descriptor_classifier_path(workdir, 0))
+    assert record["descriptor_classifier_folds"] == [0]
+    assert record["descriptor_avm_probability"] == pytest.approx(
+        model.predict_proba(clf.design_matrix([record["descriptors"]], model.features))[0])
+
+
+def test_a_run_without_descriptor_classifiers_writes_null(tiny_run, tiny_cohort, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    rundir.descriptor_classifier_path(run, 0).unlink()
+    scan = manifest.read_manifest(tiny_cohort)[0].image
+    argv = ["--workdir", str(run), "--image", str(scan), "--out", str(tmp_path / "out"),
+            "--overlap", "0"]
+    assert run_command(predict.main, argv) == 0
+    record = json.loads((tmp_path / "out" / f"{scan_name(scan)}.json").read_text())
+    assert record["descriptor_avm_probability"] is None
+    assert record["descriptor_classifier_folds"] == []
+    row = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[1].split(",")
+    header = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[0].split(",")
+    assert row[header.index("descriptor_avm_probability")] == ""
 
 
 def test_command_refuses_an_unfinished_fold(tiny_run, tiny_cohort, tmp_path, capsys):
