@@ -216,12 +216,12 @@ def table_classification_by_model(by_model: dict[str, Run]) -> list[str]:
         title = MODEL_TITLES.get(name, name)
         p = delong_p(cls_block(run, "descriptors"), cls_block(run, "whole"))
         rows.append(_cls_row(f"descriptors on {title}'s lesion", run, "descriptors",
-                             (None,) * 4, p, f"{title}'s CNN, whole scan"))
+                             (None,) * 4, p, f"{title}'s CNN branch, whole scan"))
     return markdown_table(header, rows)
 
 
-CALIBRATION_TITLES = {"voi": "CNN, VOI on the true lesion", "whole": "CNN, whole scan",
-                      "descriptors": "descriptors, whole scan"}
+CALIBRATION_TITLES = {"voi": "CNN branch, VOI on the true lesion",
+                      "whole": "CNN branch, whole scan", "descriptors": "descriptors, whole scan"}
 
 
 def calibration_curves(run: Run) -> dict[str, tuple[np.ndarray, np.ndarray]]:

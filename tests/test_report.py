@@ -109,7 +109,7 @@ def test_descriptor_rows_are_tested_against_their_own_runs_cnn(experiment):
     row = next(line for line in table3 if line.startswith("| descriptors on MLSSP's lesion"))
     auc = whole["descriptor_classification"]["auc"]
     assert f"| {auc:.3f} [" in row
-    assert row.rstrip(" |").endswith(f"{p:.3f} | MLSSP's CNN, whole scan")
+    assert row.rstrip(" |").endswith(f"{p:.3f} | MLSSP's CNN branch, whole scan")
     unet = next(line for line in table3 if line.startswith("| descriptors on 3D U-Net's"))
     assert unet.rstrip(" |").endswith("- | -")  # no CNN branch to test against
 
