@@ -97,12 +97,14 @@ def figure_roc(runs: Sequence[Run]) -> Figure:
     AUC and its bootstrap 95% CI in the legend: the paper's VOI on the true lesion (left),
     the whole-scan pipeline (right; the descriptor classifiers dashed)."""
     whole = [r for r in runs if cls_block(r, "whole") or cls_block(r, "descriptors")]
-    fig = Figure(figsize=(5.0 * (1 + bool(whole)), 5.4), layout="constrained")
+    fig = Figure(figsize=(5.0 * (1 + bool(whole)), 5.0))
     axes = fig.subplots(1, 1 + bool(whole), squeeze=False)[0]
     for index, run in enumerate(runs):
-        _roc_curve(axes[0], run.summary["classification"], MODEL_TITLES.get(run.model, run.model),
-                   color=f"C{index}")
-    axes[0].set_title("VOI on the true lesion (the paper's protocol)", fontsize=9)
+        if cls_block(run, "voi"):
+            _roc_curve(axes[0], cls_block(run, "voi"), MODEL_TITLES.get(run.model, run.model),
+                       color=f"C{index}")
+    axes[0].set_title("ROC, VOI on the true lesion (the paper's protocol)\n"
+                      "pooled out-of-fold; AUC [95% bootstrap CI]", fontsize=9)
     if whole:
         for index, run in enumerate(runs):
             title = MODEL_TITLES.get(run.model, run.model)
@@ -111,14 +113,13 @@ def figure_roc(runs: Sequence[Run]) -> Figure:
             if cls_block(run, "descriptors"):
                 _roc_curve(axes[1], cls_block(run, "descriptors"), f"descriptors, {title}'s lesion",
                            color=f"C{index}", ls="--")
-        axes[1].set_title("Whole scan (the pipeline's own lesion)", fontsize=9)
+        axes[1].set_title("ROC, whole scan (the pipeline's own lesion)\n"
+                          "pooled out-of-fold; AUC [95% bootstrap CI]", fontsize=9)
     for ax in axes:
         ax.plot([0, 1], [0, 1], ls=":", color="grey")
         ax.set_xlabel("1 - specificity")
         ax.set_ylabel("sensitivity")
-        ax.set_aspect("equal")
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=7, frameon=False)
-    fig.suptitle("ROC by model (pooled out-of-fold; AUC [95% bootstrap CI])", fontsize=10)
+        ax.legend(loc="lower right", fontsize=7)  # ROC curves keep to the upper left
     return fig
 
 
@@ -223,7 +224,9 @@ FIGURES = (("fig3_per_subject.png", "Fig. 3: per-subject segmentation metrics of
 
 def write_figures(runs: Sequence[Run], by_model: dict[str, Run], out: Path) -> list[str]:
     """Draw every figure that the runs allow into ``out``; return the file names written."""
-    seg, cls = _with_task(by_model, "segmentation"), _with_task(by_model, "classification")
+    seg = _with_task(by_model, "segmentation")
+    cls = [r for r in by_model.values()  # any classification: the VOI's, the whole scan's
+           if any(cls_block(r, protocol) for protocol in ("voi", "whole", "descriptors"))]
     drawn = {FIGURES[0][0]: figure_per_subject(runs),
              FIGURES[1][0]: figure_dsc_by_model(seg) if seg else None,
              FIGURES[2][0]: figure_overlays(seg),
