@@ -114,6 +114,8 @@ def summary(whole: dict | None) -> str:
     """One log line's worth of a ``whole_scan`` block."""
     whole = whole or {}
     seg, cls = whole.get("segmentation"), whole.get("classification")
+    described = whole.get("descriptor_classification")
     fmt = fold_eval.format_metric
     return (f"whole scan DSC {fmt(seg and seg['dsc'])}, false positive "
-            f"{fmt(seg and seg['false_positive_ml'])} mL, AUC {fmt(cls and cls['auc'])}")
+            f"{fmt(seg and seg['false_positive_ml'])} mL, AUC {fmt(cls and cls['auc'])}"
+            + (f", descriptor AUC {fmt(described['auc'])}" if described else ""))

@@ -11,7 +11,7 @@ import pytest
 from helpers import write_fake_run
 
 from mlssp_jax import descriptor_classifier as clf
-from mlssp_jax import descriptor_eval, evaluate, rundir
+from mlssp_jax import descriptor_eval, evaluate, preprocess, rundir
 from mlssp_jax.cli import run_command
 from mlssp_jax.wholescan_eval import descriptor_block
 
@@ -35,6 +35,18 @@ def test_every_fold_fits_and_applies_the_descriptor_classifier(tiny_run):
                for r in block["per_subject"])
     model = clf.DescriptorClassifier.load(rundir.descriptor_classifier_path(tiny_run, 0))
     assert model.features == clf.DEFAULT_FEATURES and np.all(np.isfinite(model.coef))
+    # fitted on the true masks of the training folds (training + inner validation), not the test
+    cfg = rundir.read_config(tiny_run)
+    split = json.loads((tiny_run / "splits.json").read_text())["folds"][0]
+    paths = preprocess.cached_cohort(cfg.data.manifest, cfg.data, 1)
+    labels = json.loads((tiny_run / "splits.json").read_text())["subjects"]
+    rows = descriptor_eval.training_rows(
+        [{"subject_id": s, "label": labels[s], "path": paths[s]}
+         for s in split["train"] + split["val"]], cfg)
+    refit = clf.fit(clf.design_matrix(rows), np.array([r["label"] for r in rows]),
+                    cfg.descriptors.l2_penalty)
+    np.testing.assert_allclose(model.coef, refit.coef)
+    assert model.intercept == pytest.approx(refit.intercept)
 
 
 def test_post_hoc_mode_adds_the_same_block_to_a_run_without_it(tiny_run, tmp_path):
