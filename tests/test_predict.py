@@ -17,7 +17,7 @@ import pytest
 from helpers import write_fake_run
 from scipy import ndimage
 
-from mlssp_jax import config, manifest, nifti, predict, rundir
+from mlssp_jax import config, descriptor_eval, manifest, nifti, predict, rundir
 from mlssp_jax import descriptor_classifier as clf
 from mlssp_jax.cli import run_command
 from mlssp_jax.descriptors import DESCRIPTOR_NAMES
@@ -177,20 +177,13 @@ def _check_descriptor_probability(record, workdir):
         model.predict_proba(clf.design_matrix([record["descriptors"]], model.features))[0])
 
 
-def test_a_run_without_descriptor_classifiers_writes_null(tiny_run, tiny_cohort, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    rundir.descriptor_classifier_path(run, 0).unlink()
-    scan = manifest.read_manifest(tiny_cohort)[0].image
-    argv = ["--workdir", str(run), "--image", str(scan), "--out", str(tmp_path / "out"),
-            "--overlap", "0"]
-    assert run_command(predict.main, argv) == 0
-    record = json.loads((tmp_path / "out" / f"{scan_name(scan)}.json").read_text())
-    assert record["descriptor_avm_probability"] is None
-    assert record["descriptor_classifier_folds"] == []
-    row = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[1].split(",")
-    header = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[0].split(",")
-    assert row[header.index("descriptor_avm_probability")] == ""
+def test_a_run_without_descriptor_classifiers_gives_null(tmp_path):
+    """What predict's main does per scan, on a run trained before the descriptor classifier
+    (no fold_K/descriptor_classifier.json): no model, so the probability is None (null)."""
+    write_fake_run(tmp_path / "run")
+    classifiers = descriptor_eval.load_fold_models(tmp_path / "run", [0, 1])
+    described = {"volume_ml": 3.0, **dict.fromkeys(clf.DEFAULT_FEATURES, 1.0)}
+    assert classifiers == [] and clf.lesion_probabilities(classifiers, [described]) == [None]
 
 
 def test_command_refuses_an_unfinished_fold(tiny_run, tiny_cohort, tmp_path, capsys):
