@@ -159,7 +159,9 @@ class TrainConfig:
     ``data.sampling = "lesion"``; whole scans for ``"whole_volume"`` (sliding windows with
     ``val_overlap``, cheaper than predict's 0.5),
     which also chooses the post-processing among none, the largest component, and dropping
-    components under each of ``postprocess_min_ml`` (mL).
+    components under each of ``postprocess_min_ml`` (mL), at each probability threshold of
+    ``postprocess_thresholds`` (empty: ``threshold`` only); ``postprocess_max_hu`` (> 0)
+    removes predicted voxels denser than that many HU (bone, calcification; 0 = off).
     """
 
     alpha: float | str = 0.4
@@ -178,6 +180,8 @@ class TrainConfig:
     batch_dice: bool = False
     val_overlap: float = 0.0
     postprocess_min_ml: tuple[float, ...] = (0.5, 1.0, 2.0)
+    postprocess_thresholds: tuple[float, ...] = ()
+    postprocess_max_hu: float = 0.0
     workers: int = 2
     prefetch: int = 2
     log_every_steps: int = 10
@@ -361,6 +365,9 @@ def validate(config: Config, where: str = "config") -> None:
     _check(0.0 <= t.val_overlap < 1.0, where, "train.val_overlap must be in [0, 1)")
     _check(all(v > 0 for v in t.postprocess_min_ml), where,
            "train.postprocess_min_ml values must be > 0")
+    _check(all(0.0 < v < 1.0 for v in t.postprocess_thresholds), where,
+           "train.postprocess_thresholds values must be in (0, 1)")
+    _check(t.postprocess_max_hu >= 0, where, "train.postprocess_max_hu must be >= 0 (0 = off)")
     _check(t.workers >= 0 and t.prefetch >= 0, where,
            "train.workers and train.prefetch must be >= 0")
     _check(t.auto_weight_lr >= 0, where, "train.auto_weight_lr must be >= 0")

@@ -86,18 +86,23 @@ def tta_mean(seg_fn: Any, windows: jax.Array, tta: str) -> jax.Array:
 
 @functools.lru_cache(maxsize=8)
 def _compiled(model_cfg: ModelConfig, tta: str) -> tuple[Any, Any]:
-    """Jitted (windows_fn, voi_fn) of ``(one fold's params, images (B, S, S, S, 1))``."""
+    """Jitted (windows_fn, voi_fn) of ``(one fold's params, its segmentation logit offset (),
+    images (B, S, S, S, 1))``."""
     net = models.build_model(model_cfg)
     seg_net = net.clone(cls=False)
 
-    def seg_prob(params: Any, windows: jax.Array) -> jax.Array:  # (B, S, S, S)
-        return jax.nn.sigmoid(seg_net.apply({"params": params}, windows[..., None])["seg"])[..., 0]
+    def seg_prob(params: Any, offset: jax.Array, windows: jax.Array) -> jax.Array:  # (B, S, S, S)
+        logits = seg_net.apply({"params": params}, windows[..., None])["seg"][..., 0]
+        return jax.nn.sigmoid(logits - offset)
 
-    def windows_fn(params: Any, images: jax.Array) -> jax.Array:  # (B, S, S, S, 1)
-        return tta_mean(functools.partial(seg_prob, params), images[..., 0], tta)[..., None]
+    def windows_fn(params: Any, offset: jax.Array, images: jax.Array) -> jax.Array:
+        return tta_mean(functools.partial(seg_prob, params, offset), images[..., 0],
+                        tta)[..., None]  # (B, S, S, S, 1)
 
-    def voi_fn(params: Any, images: jax.Array) -> dict:
+    def voi_fn(params: Any, offset: jax.Array, images: jax.Array) -> dict:
         out = net.apply({"params": params}, images)
+        if out["seg"] is not None:
+            out["seg"] = out["seg"] - offset
         return {f"{k}_prob": None if v is None else jax.nn.sigmoid(v) for k, v in out.items()}
 
     return jax.jit(windows_fn), jax.jit(voi_fn)
@@ -107,11 +112,20 @@ def _mean(outputs: list) -> np.ndarray | None:
     return None if outputs[0] is None else np.mean(outputs, axis=0, dtype=np.float32)
 
 
-def _fold_outputs(call: Any, params: tuple, images: np.ndarray) -> list:
-    """``call(p, images)`` for each fold in turn, each finished before the next starts (on
-    2 CPU cores, folds running at once oversubscribe the cores: 1.8x slower, measured)."""
+def _fold_outputs(call: Any, params: tuple, offsets: tuple, images: np.ndarray) -> list:
+    """``call(p, offset, images)`` for each fold in turn, each finished before the next starts
+    (on 2 CPU cores, folds running at once oversubscribe the cores: 1.8x slower, measured)."""
     images = jax.device_put(images)
-    return [jax.device_get(call(p, images)) for p in params]
+    return [jax.device_get(call(p, o, images)) for p, o in zip(params, offsets, strict=True)]
+
+
+def logit_offset(fold_threshold: float, threshold: float) -> float:
+    """The segmentation logit offset that moves a fold's own ``fold_threshold`` to the
+    ensemble's ``threshold``: ``sigmoid(logit - offset) >= threshold`` exactly where
+    ``sigmoid(logit) >= fold_threshold``."""
+    def logit(p: float) -> float:
+        return float(np.log(p) - np.log1p(-p))
+    return logit(fold_threshold) - logit(threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,36 +134,50 @@ class Ensemble:
 
     ``windows``: segmentation probability averaged over folds and TTA views (``cls_prob``
     None), for sliding windows; ``voi``: every output averaged over folds, no TTA.
+    ``offsets``: one segmentation logit offset per fold (:func:`logit_offset`), subtracted
+    before the sigmoid, so that folds which chose different thresholds on their inner
+    validation are averaged on a common scale (0: the fold's probabilities as trained).
     """
 
     model_cfg: ModelConfig
     params: tuple  # one parameter tree per fold
     tta: str = "none"
+    offsets: tuple = ()  # one float per fold; empty: all 0
 
     @property
     def folds(self) -> int:
         return len(self.params)
 
+    def _offsets(self) -> tuple:
+        return tuple(np.float32(o) for o in (self.offsets or (0.0,) * self.folds))
+
     def windows(self, images: np.ndarray) -> dict:
-        outs = _fold_outputs(_compiled(self.model_cfg, self.tta)[0], self.params, images)
+        outs = _fold_outputs(_compiled(self.model_cfg, self.tta)[0], self.params,
+                             self._offsets(), images)
         return {"seg_prob": _mean(outs), "cls_prob": None}
 
     def voi(self, images: np.ndarray) -> dict:
-        outs = _fold_outputs(_compiled(self.model_cfg, self.tta)[1], self.params, images)
+        outs = _fold_outputs(_compiled(self.model_cfg, self.tta)[1], self.params,
+                             self._offsets(), images)
         return {key: _mean([o[key] for o in outs]) for key in ("seg_prob", "cls_prob")}
 
     def lower_windows(self, batch: int, window: int) -> Any:
         """One fold's windows call lowered for ``(batch, window^3)`` images (for XLA's cost
         analysis; the ensemble costs ``folds`` times that)."""
         images = jax.ShapeDtypeStruct((batch, window, window, window, 1), jnp.float32)
-        return _compiled(self.model_cfg, self.tta)[0].lower(self.params[0], images)
+        return _compiled(self.model_cfg, self.tta)[0].lower(self.params[0], np.float32(0),
+                                                            images)
 
 
-def make_ensemble(model_cfg: ModelConfig, params_list: Sequence[Any], tta: str = "none"
-                  ) -> Ensemble:
-    """An :class:`Ensemble` of the given parameter trees (one per fold) on the default device."""
+def make_ensemble(model_cfg: ModelConfig, params_list: Sequence[Any], tta: str = "none",
+                  offsets: Sequence[float] = ()) -> Ensemble:
+    """An :class:`Ensemble` of the given parameter trees (one per fold) on the default device,
+    with one segmentation logit offset per fold (empty: none)."""
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {sorted(TTA_MODES)}, got {tta!r}")
     if not params_list:
         raise ValueError("ensemble of no models")
-    return Ensemble(model_cfg, tuple(jax.device_put(p) for p in params_list), tta)
+    if offsets and len(offsets) != len(params_list):
+        raise ValueError(f"{len(offsets)} offsets for {len(params_list)} folds")
+    return Ensemble(model_cfg, tuple(jax.device_put(p) for p in params_list), tta,
+                    tuple(float(o) for o in offsets))

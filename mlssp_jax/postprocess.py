@@ -2,10 +2,12 @@
 
 A rule is a small dict: ``{"name": "none"}``, ``{"name": "largest"}`` (keep the largest
 26-connected component) or ``{"name": "min_ml", "min_ml": v}`` (drop components under ``v``
-mL). Every rule first restricts the mask to the brain. Training chooses the rule with the
-best mean whole-scan DSC on the inner validation subjects (ties: the earlier, simpler rule)
-and saves it as ``W/fold_K/postprocessing.json``; the held-out evaluation and ``predict``
-apply it.
+mL), with two optional keys: ``"threshold"`` (the probability a voxel must reach; absent:
+the config's ``train.threshold``) and ``"max_hu"`` (voxels denser than this many HU are never
+hemorrhage: bone or calcification left inside the brain mask; acute blood is 50-100 HU).
+Every rule first restricts the mask to the brain. Training chooses the rule with the best mean
+whole-scan DSC on the inner validation subjects (ties: the earlier, simpler rule) and saves
+it as ``W/fold_K/postprocessing.json``; the held-out evaluation and ``predict`` apply it.
 """
 
 from __future__ import annotations
@@ -29,15 +31,41 @@ NONE = {"name": "none"}
 _CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connected components
 
 
-def candidates(min_ml: Sequence[float]) -> list[dict]:
-    """The rules to choose from, simplest first: none, largest, then each ``min_ml`` (mL)."""
-    return [dict(NONE), {"name": "largest"}] + [{"name": "min_ml", "min_ml": float(v)}
+def candidates(min_ml: Sequence[float], thresholds: Sequence[float] = (),
+               max_hu: float | None = None) -> list[dict]:
+    """The rules to choose from, simplest first: none, largest, then each ``min_ml`` (mL);
+    each at every probability in ``thresholds`` in the order given (none given: no
+    ``threshold`` key, the config's applies). ``max_hu`` (if given) is added to every rule."""
+    base = [dict(NONE), {"name": "largest"}] + [{"name": "min_ml", "min_ml": float(v)}
                                                  for v in sorted(min_ml)]
+    extra = {} if max_hu is None else {"max_hu": float(max_hu)}
+    if not thresholds:
+        return [{**rule, **extra} for rule in base]
+    return [{**rule, "threshold": float(t), **extra} for t in thresholds for rule in base]
 
 
-def apply(mask: np.ndarray, brain: np.ndarray, rule: dict, voxel_ml: float) -> np.ndarray:
-    """The mask (bool, (D, H, W)) after ``rule``, inside ``brain``; ``voxel_ml`` one voxel's mL."""
+def describe(rule: dict) -> str:
+    """A rule in a few characters for the log, e.g. ``min_ml2.0@0.6``."""
+    text = f"{rule['name']}{rule.get('min_ml', '')}"
+    return f"{text}@{rule['threshold']:g}" if "threshold" in rule else text
+
+
+def threshold_of(rule: dict, default: float) -> float:
+    """The probability threshold of ``rule`` (``default``, the config's, if it has none)."""
+    return float(rule.get("threshold", default))
+
+
+def apply(mask: np.ndarray, brain: np.ndarray, rule: dict, voxel_ml: float,
+          hu: np.ndarray | None = None) -> np.ndarray:
+    """The mask (bool, (D, H, W)) after ``rule``, inside ``brain``; ``voxel_ml`` one voxel's mL.
+
+    ``hu`` (D, H, W) the scan's HU on the same grid, needed by a rule with ``max_hu``.
+    """
     mask = np.asarray(mask, bool) & np.asarray(brain, bool)
+    if "max_hu" in rule:
+        if hu is None:
+            raise ValueError(f"post-processing rule {rule} needs the scan's HU")
+        mask &= np.asarray(hu, np.float32) <= rule["max_hu"]
     if rule["name"] == "none" or not mask.any():
         return mask
     labels, count = ndimage.label(mask, structure=_CONNECTIVITY)
@@ -75,8 +103,18 @@ def load(fold_dir: Path) -> dict:
         raise InputError(f"{path}: not a post-processing file: {err}") from None
 
 
-def ensemble_rule(workdir: Path, folds: Sequence[int]) -> dict:
-    """The rule for an ensemble of ``folds``: the one most folds chose (ties: lowest fold's)."""
+def ensemble_rule(workdir: Path, folds: Sequence[int]) -> tuple[dict, list[float]]:
+    """The rule for an ensemble of ``folds`` and each fold's threshold.
+
+    The rule is the one most folds chose (ties: the lowest fold's), without a threshold: the
+    ensemble recentres each fold's probabilities on its own threshold
+    (:func:`mlssp_jax.ensemble.logit_offset`) and applies the config's. A fold that chose no
+    threshold has None.
+    """
     rules = [load(rundir.fold_dir(workdir, k)) for k in folds]
-    counts = Counter(json.dumps(r, sort_keys=True) for r in rules)
-    return max(rules, key=lambda r: counts[json.dumps(r, sort_keys=True)])
+    def key(rule: dict) -> str:
+        return json.dumps({k: v for k, v in rule.items() if k != "threshold"}, sort_keys=True)
+    counts = Counter(key(r) for r in rules)
+    rule = {k: v for k, v in max(rules, key=lambda r: counts[key(r)]).items()
+            if k != "threshold"}
+    return rule, [r.get("threshold") for r in rules]

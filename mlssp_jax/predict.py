@@ -61,7 +61,8 @@ DEFAULT_BATCH = 4
 def load_ensemble(workdir: Path, fold: int | None = None, tta: str = "none"
                   ) -> tuple[config_lib.Config, list[int], ensemble.Ensemble]:
     """The run's config, the folds used and their best checkpoints stacked into one
-    :class:`~mlssp_jax.ensemble.Ensemble` (their mean on the device; ``tta`` views)."""
+    :class:`~mlssp_jax.ensemble.Ensemble` (their mean on the device; ``tta`` views), each
+    fold's probabilities recentred on the threshold it chose on its inner validation."""
     cfg = rundir.read_config(workdir)
     if not models.has_tasks(cfg.model.name)[0]:
         raise InputError(f"{workdir}: model '{cfg.model.name}' has no segmentation branch")
@@ -73,7 +74,10 @@ def load_ensemble(workdir: Path, fold: int | None = None, tta: str = "none"
     if not done:
         raise InputError(f"{workdir}: no finished fold (no fold_K/eval.json)")
     params = [_restore(workdir, k) for k in done]
-    return cfg, done, ensemble.make_ensemble(cfg.model, params, tta)
+    _, thresholds = postprocess.ensemble_rule(workdir, done)
+    offsets = [ensemble.logit_offset(t or cfg.train.threshold, cfg.train.threshold)
+               for t in thresholds]
+    return cfg, done, ensemble.make_ensemble(cfg.model, params, tta, offsets)
 
 
 def _restore(workdir: Path, fold: int):
@@ -112,15 +116,17 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
     clock = _Clock(timings)
     pre = preprocess.preprocess_volume(image, None, cfg.data)
     clock.lap("preprocess")
-    window, threshold = window or cfg.data.voi_size, cfg.train.threshold
+    rule = rule or postprocess.NONE
+    window = window or cfg.data.voi_size
+    threshold = postprocess.threshold_of(rule, cfg.train.threshold)
     box = inference.brain_box(pre["brain"], window)
     prob = np.zeros(pre["image"].shape, np.float32)
     prob[box] = inference.sliding_window_predict(
         pre["image"][box], windows_fn, window, overlap, batch_size, progress=True,
         brain=pre["brain"][box], gaussian=gaussian)
     found = metrics.binarize(prob, threshold)  # post-processing (None: brain only)
-    kept = postprocess.apply(found, pre["brain"], rule or postprocess.NONE,
-                             wholescan.voxel_ml(cfg.data.spacing_mm))
+    kept = postprocess.apply(found, pre["brain"], rule, wholescan.voxel_ml(cfg.data.spacing_mm),
+                             hu=pre["hu"])
     prob = np.where(found & ~kept, 0.0, prob)  # removed components become background
     clock.lap("windows")
     avm_probability, centre = inference.classify(pre["image"], prob, voi_fn, cfg.data.voi_size,
@@ -129,18 +135,19 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
     mask = inference.resample_mask(prob, pre["affine"], image.affine, image.data.shape,
                                    threshold)
     clock.lap("resample")
-    label = None if avm_probability is None else int(metrics.binarize(avm_probability, threshold))
+    label = (None if avm_probability is None
+             else int(metrics.binarize(avm_probability, cfg.train.threshold)))
     return {"mask": mask, "volume_ml": float(mask.sum()) * image.voxel_volume_ml,
             "avm_probability": avm_probability, "label": label,
             "voi_centre_mm": (pre["affine"] @ np.append(centre, 1.0))[:3].round(1).tolist(),
-            "descriptors": predicted_lesion_descriptors(pre, prob, cfg)}
+            "descriptors": predicted_lesion_descriptors(pre, prob, cfg, threshold)}
 
 
-def predicted_lesion_descriptors(pre: dict, prob: np.ndarray, cfg: config_lib.Config) -> dict:
+def predicted_lesion_descriptors(pre: dict, prob: np.ndarray, cfg: config_lib.Config,
+                                 threshold: float) -> dict:
     """:mod:`mlssp_jax.descriptors` of the largest predicted lesion (``prob`` (D, H, W) on
-    the preprocessed grid of ``pre``, binarised at ``train.threshold``)."""
-    return descriptors.largest_lesion_descriptors(metrics.binarize(prob, cfg.train.threshold),
-                                                  pre, cfg)
+    the preprocessed grid of ``pre``, binarised at the segmentation ``threshold``)."""
+    return descriptors.largest_lesion_descriptors(metrics.binarize(prob, threshold), pre, cfg)
 
 
 class _Clock:
@@ -207,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     window = args.window or cfg.data.voi_size
     info = {"model": cfg.model.name, "folds": folds, "threshold": cfg.train.threshold,
             "tta": args.tta, "overlap": args.overlap, "window": window}
-    rule = postprocess.ensemble_rule(args.workdir, folds)
+    rule, _ = postprocess.ensemble_rule(args.workdir, folds)
     info["postprocessing"] = rule
     classifiers = descriptor_eval.load_fold_models(args.workdir, folds)
     info["descriptor_classifier_folds"] = [

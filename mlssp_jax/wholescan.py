@@ -74,9 +74,11 @@ def predict_volumes(volumes: Sequence[dict], predict_fn: inference.PredictFn, wi
 
 
 def postprocessed(volume: dict, prob: np.ndarray, rule: dict, threshold: float) -> np.ndarray:
-    """The predicted mask (bool) of one volume after ``rule``."""
-    return postprocess.apply(metrics.binarize(prob, threshold), volume["brain"], rule,
-                             voxel_ml(volume["spacing_mm"]))
+    """The predicted mask (bool) of one volume after ``rule`` (its own threshold if it has
+    one, else ``threshold``)."""
+    found = metrics.binarize(prob, postprocess.threshold_of(rule, threshold))
+    return postprocess.apply(found, volume["brain"], rule, voxel_ml(volume["spacing_mm"]),
+                             hu=volume.get("hu"))
 
 
 def mean_dsc(volumes: Sequence[dict], probs: Sequence[np.ndarray], rule: dict,
@@ -115,7 +117,8 @@ def evaluate(volumes: Sequence[dict], probs: Sequence[np.ndarray], predict_fn, r
         per_subject.append({"subject_id": volume["subject_id"],
                             **subject_metrics(mask, volume["mask"], volume["spacing_mm"])})
         cls_rows.append({"subject_id": volume["subject_id"], "label": int(volume["label"]),
-                         "cls_prob": classify(volume, prob, mask, predict_fn, window, threshold,
+                         "cls_prob": classify(volume, prob, mask, predict_fn, window,
+                                              postprocess.threshold_of(rule, threshold),
                                               batch_size)})
         if describe is not None:
             cls_rows[-1]["descriptors"] = describe(mask, volume)
@@ -136,10 +139,14 @@ EVAL_OVERLAP = 0.5  # the held-out evaluation's and post-processing choice's (pr
 
 
 def choose_postprocessing(volumes: Sequence[dict], probs: Sequence[np.ndarray],
-                          min_ml: Sequence[float], threshold: float) -> tuple[dict, list[dict]]:
-    """The post-processing rule of best mean DSC on ``volumes`` and each candidate's score."""
-    return postprocess.choose(lambda rule: mean_dsc(volumes, probs, rule, threshold),
-                              postprocess.candidates(min_ml))
+                          train_cfg) -> tuple[dict, list[dict]]:
+    """The post-processing rule of best mean DSC on ``volumes`` and each candidate's score,
+    among :func:`postprocess.candidates` of ``train_cfg``'s ``postprocess_*`` fields."""
+    max_hu = train_cfg.postprocess_max_hu or None
+    rules = postprocess.candidates(train_cfg.postprocess_min_ml,
+                                   train_cfg.postprocess_thresholds, max_hu)
+    return postprocess.choose(lambda rule: mean_dsc(volumes, probs, rule, train_cfg.threshold),
+                              rules)
 
 
 def run(volumes: Sequence[dict], predict_fn: inference.PredictFn, cfg, overlap: float,
@@ -156,8 +163,7 @@ def run(volumes: Sequence[dict], predict_fn: inference.PredictFn, cfg, overlap: 
     probs = predict_volumes(volumes, predict_fn, window, overlap, batch)
     scored = None
     if rule is None:
-        rule, scored = choose_postprocessing(volumes, probs, cfg.train.postprocess_min_ml,
-                                             threshold)
+        rule, scored = choose_postprocessing(volumes, probs, cfg.train)
     describer = ((lambda mask, volume: descriptors.largest_lesion_descriptors(mask, volume, cfg))
                  if describe else None)
     seg, rows = evaluate(volumes, probs, predict_fn, rule, window, threshold, batch, describer)

@@ -67,8 +67,8 @@ def choose_postprocessing(config: config_lib.Config, predict_fn: ApplyFn, params
     if parallel.is_main_process():
         postprocess.save(rundir.fold_dir(workdir, fold), run["rule"], run["scored"])
     log.info("post-processing chosen on %d inner-validation scans: %s (%s)", len(volumes),
-             run["rule"], ", ".join(f"{s['rule']['name']}{s['rule'].get('min_ml', '')}: "
-                                    f"{s['score']:.3f}" for s in run["scored"]))
+             run["rule"], ", ".join(f"{postprocess.describe(s['rule'])}: {s['score']:.3f}"
+                                    for s in run["scored"]))
     return run["rule"]
 
 

@@ -39,6 +39,23 @@ def test_ensemble_equals_the_mean_of_per_fold_predictions(two_folds):
     assert not np.allclose(per_fold[0]["seg_prob"], per_fold[1]["seg_prob"], atol=1e-3)
 
 
+def test_offsets_recentre_each_fold_on_its_own_threshold(two_folds):
+    cfg, params = two_folds
+    images = np.random.default_rng(2).random((2, 16, 16, 16, 1), dtype=np.float32)
+    per_fold = [np.asarray(train_lib.make_predict_fn(cfg)(p, images)["seg_prob"]) for p in params]
+    thresholds = [float(np.quantile(per_fold[0], 0.3)), float(np.quantile(per_fold[1], 0.8))]
+    offsets = [ensemble.logit_offset(t, 0.5) for t in thresholds]
+    for k in range(2):  # one fold: above 0.5 after the offset exactly where above its own
+        single = ensemble.make_ensemble(cfg.model, [params[k]], offsets=[offsets[k]])
+        np.testing.assert_array_equal(single.windows(images)["seg_prob"] >= 0.5,
+                                      per_fold[k] >= thresholds[k])
+    both = ensemble.make_ensemble(cfg.model, params, offsets=offsets).windows(images)
+    assert not np.allclose(both["seg_prob"], np.mean(per_fold, axis=0), atol=1e-3)
+    assert ensemble.logit_offset(0.5, 0.5) == 0.0
+    with pytest.raises(ValueError, match="offsets"):
+        ensemble.make_ensemble(cfg.model, params, offsets=[0.0])
+
+
 def skewed(x):
     """Not equivariant under any cube symmetry: a different ramp along each axis."""
     d, h, w = (jnp.linspace(0.1, 1.0, x.shape[k])**(k + 1) for k in (1, 2, 3))
