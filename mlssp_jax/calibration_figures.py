@@ -10,39 +10,51 @@ from matplotlib.figure import Figure
 
 from mlssp_jax import metrics
 
+MARKERS = "osD^v"  # one per curve, so curves that coincide stay visible
 
-def figure_reliability(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path,
-                       n_bins: int = 10) -> bool:
-    """Save a reliability diagram of each named (labels (N,), probs (N,)) pair to ``path``.
+
+def reliability_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], n_bins: int = 10,
+                       title: str = "Reliability") -> Figure | None:
+    """A reliability diagram of each named (labels (N,), probs (N,)) pair; None if no curve.
 
     Top: per equal-width bin, the mean predicted probability against the observed
-    frequency (dots sized by count, the diagonal is perfect calibration), ECE and Brier in
-    the legend. Bottom: the histogram of the probabilities. Returns False (nothing written)
-    if ``curves`` is empty.
+    frequency (the diagonal is perfect calibration), ECE and Brier in the legend, which sits
+    below the axes so it never covers a point. Bottom: the histogram of the probabilities.
     """
     if not curves:
-        return False
-    fig = Figure(figsize=(5.0, 6.0))
+        return None
+    fig = Figure(figsize=(5.6, 6.6), layout="constrained")
     top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
-    for name, (labels, probs) in curves.items():
+    for index, (name, (labels, probs)) in enumerate(curves.items()):
         bins = metrics.reliability_bins(labels, probs, n_bins)
         filled = bins["count"] > 0
         ece = metrics.expected_calibration_error(labels, probs, n_bins)
         brier = metrics.brier_score(labels, probs)
-        line, = top.plot(bins["mean_prob"][filled], bins["frequency"][filled], marker="o",
-                         label=f"{name} (ECE {ece:.3f}, Brier {brier:.3f})")
+        line, = top.plot(bins["mean_prob"][filled], bins["frequency"][filled],
+                         marker=MARKERS[index % len(MARKERS)], alpha=0.8,
+                         label=f"{name} (n {len(labels)}, ECE {ece:.3f}, Brier {brier:.3f})")
         bottom.hist(probs, bins=n_bins, range=(0, 1), histtype="step", color=line.get_color())
-    top.plot([0, 1], [0, 1], ls=":", color="grey")
+    top.plot([0, 1], [0, 1], ls=":", color="grey", label="perfect calibration")
     top.set_ylabel("observed AVM frequency")
     top.set_xlim(0, 1)
     top.set_ylim(-0.02, 1.02)
-    top.set_title(f"Reliability ({n_bins} equal-width bins, pooled out-of-fold)")
-    top.legend(loc="upper left", fontsize=8)
+    top.set_title(f"{title}\n({n_bins} equal-width bins, pooled out-of-fold)", fontsize=10)
     bottom.set_xlabel("predicted AVM probability")
     bottom.set_ylabel("subjects")
-    fig.tight_layout()
+    fig.legend(*top.get_legend_handles_labels(), loc="outside lower center", fontsize=8,
+               frameon=False)
+    return fig
+
+
+def figure_reliability(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path,
+                       n_bins: int = 10) -> bool:
+    """Save :func:`reliability_figure` of ``curves`` to ``path``; False (nothing written) if
+    ``curves`` is empty."""
+    fig = reliability_figure(curves, n_bins)
+    if fig is None:
+        return False
     fig.savefig(path, dpi=110)
     return True
 
 
-__all__ = ["figure_reliability"]
+__all__ = ["figure_reliability", "reliability_figure"]

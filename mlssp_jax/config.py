@@ -201,7 +201,10 @@ class DescriptorConfig:
 
     Shells are measured outside the lesion in mm; ``vessel_*_hu`` is the density range of
     contrast-free blood in vessels; ``l2_penalty`` is the regression's ridge penalty on the
-    standardised coefficients (the intercept is not penalised).
+    standardised coefficients (the intercept is not penalised). ``classifier``: fit the
+    regression on each fold's training folds (true masks) and evaluate it on the held-out
+    whole scans from the pipeline's own predicted lesion, for every model that segments
+    (eval.json's ``whole_scan.descriptor_classification``, :mod:`mlssp_jax.descriptor_eval`).
     """
 
     rim_mm: float = 4.0
@@ -210,6 +213,7 @@ class DescriptorConfig:
     vessel_min_hu: float = 55.0
     vessel_max_hu: float = 90.0
     l2_penalty: float = 1.0
+    classifier: bool = True
 
 
 @dataclass(frozen=True)

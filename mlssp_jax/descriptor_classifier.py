@@ -117,6 +117,16 @@ def fit(x: np.ndarray, y: np.ndarray, l2_penalty: float,
                                 l2_penalty)
 
 
+def lesion_probabilities(models: Sequence[DescriptorClassifier],
+                         rows: Sequence[Mapping[str, float | None]]) -> list[float | None]:
+    """The mean over ``models`` (a fold ensemble) of each descriptor row's AVM probability;
+    None for a row without a lesion (``volume_ml`` 0 or None) or when ``models`` is empty."""
+    if not models or not rows:
+        return [None] * len(rows)
+    probs = np.mean([m.predict_proba(design_matrix(rows, m.features)) for m in models], axis=0)
+    return [float(p) if r.get("volume_ml") else None for p, r in zip(probs, rows, strict=True)]
+
+
 def cross_validated_probs(x: np.ndarray, y: np.ndarray, test_folds: Sequence[np.ndarray],
                           l2_penalty: float,
                           features: Sequence[str] = DEFAULT_FEATURES) -> np.ndarray:
@@ -130,4 +140,4 @@ def cross_validated_probs(x: np.ndarray, y: np.ndarray, test_folds: Sequence[np.
 
 
 __all__ = ["DEFAULT_FEATURES", "DescriptorClassifier", "cross_validated_probs", "design_matrix",
-           "fit"]
+           "fit", "lesion_probabilities"]

@@ -8,6 +8,9 @@ k-th, over the same seeded stratified folds training uses (``train.num_folds``,
 (pooled out-of-fold metrics with a bootstrap 95% CI of the AUC, calibration, and the
 coefficients of a model fitted on every subject) and that model as
 ``DIR/descriptor_classifier.json`` (:meth:`DescriptorClassifier.load`). No network.
+
+This is the classifier's ceiling (true masks at test time too); the whole-scan pipeline's
+version, applied to the lesion each fold's network predicts, is :mod:`mlssp_jax.descriptor_eval`.
 """
 
 from __future__ import annotations

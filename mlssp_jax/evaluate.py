@@ -5,9 +5,15 @@ metrics are computed once on the pooled out-of-fold probabilities (as the paper 
 80 subjects). Every metric gets a seeded bootstrap 95% confidence interval over subjects.
 ``summary.json`` has eval.json's layout (``segmentation``/``classification`` with the same
 metric keys and ``per_subject`` lists) plus ``ci95`` per task, ``folds``, ``missing_folds``,
-``n_subjects`` and the bootstrap settings. ``whole_scan`` pools eval.json's whole-scan blocks
-the same way (its segmentation also gives the medians of ``MEDIAN_KEYS``); null if no fold
-has one.
+``n_subjects`` and the bootstrap settings. Each classification block also has the pooled
+calibration, ``brier`` and ``ece`` (``train.calibration_bins`` bins), with CIs. ``whole_scan``
+pools eval.json's whole-scan blocks the same way (its segmentation also gives the medians of
+``MEDIAN_KEYS``; ``descriptor_classification``, the descriptor classifier on the pipeline's
+own lesion, is pooled as ``classification``); null if no fold has one.
+
+``--descriptors`` first adds the descriptor classifier to the folds of a run trained without
+it (:func:`mlssp_jax.descriptor_eval.add_to_run`: refits it per fold, predicts the held-out
+whole scans again; minutes per fold), then pools.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import numpy as np
 
 from mlssp_jax import cli, metrics, rundir, wholescan
 from mlssp_jax.errors import InputError
+from mlssp_jax.ops import cpu_env
 from mlssp_jax.rundir import CLS_KEYS, SEG_KEYS
 
 log = logging.getLogger(__name__)
@@ -27,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
 MEDIAN_KEYS = ("false_positive_ml", "volume_error_ml")  # whole scan: typical, not mean
+DESCRIPTOR_BLOCK = "descriptor_classification"  # = descriptor_eval.BLOCK (imported on demand)
 
 
 def _as_float(value) -> float:
@@ -73,21 +81,24 @@ def pool_segmentation(evals: Sequence[dict], n_resamples: int, seed: int,
 
 
 def pool_classification(evals: Sequence[dict], threshold: float, n_resamples: int,
-                        seed: int) -> dict | None:
-    """Accuracy, sensitivity, specificity and AUC of the pooled out-of-fold probabilities."""
-    rows = [row for e in evals if e.get("classification")
-            for row in e["classification"]["per_subject"]]
+                        seed: int, n_bins: int = 10, key: str = "classification") -> dict | None:
+    """Accuracy, sensitivity, specificity and AUC of the pooled out-of-fold probabilities of
+    each eval's ``key`` block, and their ``brier`` and ``ece`` (``n_bins`` bins)."""
+    rows = [row for e in evals if e.get(key) for row in e[key]["per_subject"]]
     if not rows:
         return None
     labels = np.array([int(row["label"]) for row in rows])
     probs = np.array([float(row["prob"]) for row in rows])
+    statistics = {name: (lambda y, p, name=name: metrics.classification_metrics(
+        y, p, threshold)[name]) for name in CLS_KEYS}
+    statistics["brier"] = metrics.brier_score
+    statistics["ece"] = lambda y, p: metrics.expected_calibration_error(y, p, n_bins)
     pooled, ci95 = {}, {}
-    for key in CLS_KEYS:
-        def statistic(y, p, key=key):
-            return metrics.classification_metrics(y, p, threshold)[key]
-        pooled[key], ci95[key] = _estimate_and_ci(statistic, labels, probs,
-                                                  n_resamples=n_resamples, seed=seed)
-    return {**pooled, "threshold": threshold, "ci95": ci95, "per_subject": rows}
+    for name, statistic in statistics.items():
+        pooled[name], ci95[name] = _estimate_and_ci(statistic, labels, probs,
+                                                    n_resamples=n_resamples, seed=seed)
+    return {**pooled, "threshold": threshold, "calibration_bins": n_bins, "ci95": ci95,
+            "per_subject": rows}
 
 
 def summarize(workdir: str | Path, n_resamples: int = DEFAULT_RESAMPLES,
@@ -106,20 +117,21 @@ def summarize(workdir: str | Path, n_resamples: int = DEFAULT_RESAMPLES,
                     workdir, missing, sorted(evals))
     ordered = [evals[k] for k in sorted(evals)]
     seg = pool_segmentation(ordered, n_resamples, seed)
-    cls = pool_classification(ordered, cfg.train.threshold, n_resamples, seed)
+    bins = cfg.train.calibration_bins
+    cls = pool_classification(ordered, cfg.train.threshold, n_resamples, seed, bins)
     n_subjects = len((seg or cls)["per_subject"])
     return {"model": cfg.model.name, "alpha": cfg.train.alpha, "folds": sorted(evals),
             "missing_folds": missing, "n_subjects": n_subjects,
             "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": 0.95},
             "segmentation": seg, "classification": cls,
-            "whole_scan": pool_whole_scan(ordered, cfg.train.threshold, n_resamples, seed)}
+            "whole_scan": pool_whole_scan(ordered, cfg.train.threshold, n_resamples, seed, bins)}
 
 
 def pool_whole_scan(evals: Sequence[dict], threshold: float, n_resamples: int,
-                    seed: int) -> dict | None:
+                    seed: int, n_bins: int = 10) -> dict | None:
     """eval.json's ``whole_scan`` blocks pooled as the VOI protocol's, plus ``median_<key>``
-    for :data:`MEDIAN_KEYS`; None if no fold has one (a run made before it, or no
-    segmentation)."""
+    for :data:`MEDIAN_KEYS` and ``descriptor_classification`` (None if no fold has it);
+    None if no fold has a whole-scan block (a run made before it, or no segmentation)."""
     blocks = [e["whole_scan"] for e in evals if e.get("whole_scan")]
     if not blocks:
         return None
@@ -129,7 +141,9 @@ def pool_whole_scan(evals: Sequence[dict], threshold: float, n_resamples: int,
             values = [row[key] for row in seg["per_subject"] if row.get(key) is not None]
             seg[f"median_{key}"] = float(np.median(values)) if values else None
     return {"segmentation": seg,
-            "classification": pool_classification(blocks, threshold, n_resamples, seed)}
+            "classification": pool_classification(blocks, threshold, n_resamples, seed, n_bins),
+            DESCRIPTOR_BLOCK: pool_classification(blocks, threshold, n_resamples, seed, n_bins,
+                                                  DESCRIPTOR_BLOCK)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,10 +152,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES,
                         help="bootstrap resamples for the 95%% CIs")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap seed")
+    parser.add_argument("--descriptors", action="store_true",
+                        help="first add the descriptor classifier to folds trained without it "
+                             "(refits it, predicts the held-out whole scans again)")
     args = parser.parse_args(argv)
     cli.setup_logging()
     if args.bootstrap < 1:
         raise InputError(f"--bootstrap: must be >= 1, got {args.bootstrap}")
+    if args.descriptors:
+        from mlssp_jax import descriptor_eval  # the network and its data: only when asked for
+
+        descriptor_eval.add_to_run(args.workdir)
     summary = summarize(args.workdir, args.bootstrap, args.seed)
     rundir.write_summary(args.workdir, summary)
     log.info("wrote %s (%d subjects, folds %s)", args.workdir / rundir.SUMMARY_FILE,
@@ -150,4 +171,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    cpu_env.prepare_process()  # glibc malloc tunables and XLA flags (--descriptors runs the net)
     raise SystemExit(cli.run_command(main))

@@ -33,10 +33,11 @@ from mlssp_jax import (
     cache,
     checkpointing,
     cli,
+    descriptor_classifier,
+    descriptor_eval,
     descriptors,
     ensemble,
     inference,
-    masks,
     metrics,
     models,
     nifti,
@@ -166,11 +167,7 @@ def predicted_lesion_descriptors(pre: dict, prob: np.ndarray, cfg: config_lib.Co
                                  threshold: float) -> dict:
     """:mod:`mlssp_jax.descriptors` of the largest predicted lesion (``prob`` (D, H, W) on
     the preprocessed grid of ``pre``, binarised at the segmentation ``threshold``)."""
-    lesion = masks.largest_component(metrics.binarize(prob, threshold))
-    return descriptors.lesion_descriptors(
-        lesion, pre["brain"], image=pre["image"], hu=pre.get("hu"),
-        spacing_mm=cfg.data.spacing_mm,
-        window_hu=(cfg.data.window_level_hu, cfg.data.window_width_hu), cfg=cfg.descriptors)
+    return descriptors.largest_lesion_descriptors(metrics.binarize(prob, threshold), pre, cfg)
 
 
 class _Clock:
@@ -272,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "tta": model.tta, "overlap": overlap, "window": window, "batch_size": batch,
             "gaussian": cfg.inference.gaussian,
             "postprocessing": postprocess.ensemble_rule(args.workdir, folds)[0]}
+    classifiers = descriptor_eval.load_fold_models(args.workdir, folds)
+    info["descriptor_classifier_folds"] = [
+        k for k in folds if rundir.descriptor_classifier_path(args.workdir, k).is_file()]
     clock.lap(f"restore {len(folds)} folds")
     _log_timings("run", timings)
     rows = []
@@ -282,12 +282,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             image = last if index == len(paths) - 1 else scans.load_scan(path)  # read once
             clock.lap("load")
             result = predict_scan(image, model, cfg, timings, info["postprocessing"])
+            # the folds' descriptor classifiers on the predicted lesion (None: no lesion, or a
+            # run without descriptor_classifier.json files)
+            result["descriptor_avm_probability"] = descriptor_classifier.lesion_probabilities(
+                classifiers, [result["descriptors"]])[0]
             clock = _Clock(timings)
             row = scan_outputs.write_scan(stage, path, image, result, info, args.dicom_seg)
             clock.lap("write")
             rows.append({**row, "seconds": round(time.perf_counter() - start, 2)})
-            log.info("%s: %.2f mL (ABC/2 %s mL), AVM probability %s", path.name,
-                     result["volume_ml"], row["abc2_ml"], result["avm_probability"])
+            log.info("%s: %.2f mL (ABC/2 %s mL), AVM probability %s (descriptors: %s)",
+                     path.name, result["volume_ml"], row["abc2_ml"], result["avm_probability"],
+                     result["descriptor_avm_probability"])
             _log_timings(path.name, timings)
         scan_outputs.write_table(stage, rows)
     return 0

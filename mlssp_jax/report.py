@@ -2,8 +2,11 @@
 
 ``python -m mlssp_jax.report RUN_DIRS... --out R`` writes ``R/report.md`` (Table 1:
 segmentation by alpha, Table 2: classification by alpha, Table 3: classification by model,
-with bootstrap 95% CIs, DeLong p-values against MLSSP, and the paper's numbers beside ours)
-and the PNG figures it links (Fig. 3-6 of the paper and the training curves). A run is
+with bootstrap 95% CIs, DeLong p-values against MLSSP, and the paper's numbers beside ours;
+Tables 2-3 by the paper's VOI protocol and by the whole-scan pipeline, Table 3 also the
+descriptor classifier on each run's own predicted lesion, with DeLong p against that run's
+CNN), the calibration table (Brier, ECE) and the PNG figures it links (Fig. 3-6 of the paper,
+the training curves and the reliability diagram). A run is
 identified by its ``config.toml`` (model, alpha); its numbers come from ``summary.json``
 (computed on the fly by :mod:`mlssp_jax.evaluate` if the file is missing).
 """
@@ -26,6 +29,7 @@ from mlssp_jax.report_tables import (
     load_run,
     markdown_table,
     runs_by_model,
+    table_calibration,
     table_classification_by_alpha,
     table_classification_by_model,
     table_protocols,
@@ -63,13 +67,23 @@ def render_markdown(runs: Sequence[Run], by_model: dict[str, Run], alpha, figure
               *table_classification_by_alpha(runs), "",
               "## Table 3: classification by model", "",
               *table_classification_by_model(by_model), "",
+              "Descriptors: an L2 logistic regression on seven lesion descriptors (log volume, "
+              "lesion HU mean and spread, centroid depth below the brain surface, share of "
+              "vessel-density voxels 2-15 mm around the lesion, 0-4 mm rim HU, solidity), "
+              "fitted per fold on the true masks of the training folds and applied to the "
+              "descriptors of the lesion the pipeline itself predicts on each held-out whole "
+              "scan (no true mask at test time).", "",
+              "## Calibration", "", *table_calibration(by_model), "",
+              "Brier: mean squared error of the probabilities; ECE: expected calibration "
+              "error over equal-width bins (see the reliability diagram).", "",
               "## Segmentation by model (the numbers behind Fig. 4)", "",
               *table_segmentation_by_model(by_model), "",
               "Ours: mean over subjects (segmentation) or on the pooled out-of-fold "
               "probabilities (classification), with a percentile bootstrap 95% CI over subjects "
               "in brackets. *Italic* columns marked (paper) are the published numbers of "
               f"{PAPER}. DeLong p: two-sided test of the AUC difference against MLSSP on the "
-              "same subjects.", "", "## Figures", ""]
+              "same subjects by the same protocol, or (descriptor rows) against the CNN branch "
+              "of the same run on the same whole scans.", "", "## Figures", ""]
     titles = dict(FIGURES)
     for name in figures:
         lines += [f"### {titles[name]}", "", f"![{titles[name]}]({name})", ""]

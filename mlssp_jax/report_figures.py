@@ -1,4 +1,5 @@
-"""The report's PNG figures: Fig. 3-6 of the paper and the training curves.
+"""The report's PNG figures: Fig. 3-6 of the paper, the training curves and the reliability
+diagram.
 
 Each ``figure_*`` draws one figure from finished runs (:class:`mlssp_jax.report_tables.Run`),
 or returns None if the runs lack what it needs; :func:`write_figures` saves them.
@@ -16,7 +17,14 @@ from matplotlib.ticker import MaxNLocator
 
 from mlssp_jax import metrics as metric_fns
 from mlssp_jax import rundir
-from mlssp_jax.report_tables import MODEL_TITLES, PAPER_SEG_KEYS, Run
+from mlssp_jax.calibration_figures import reliability_figure
+from mlssp_jax.report_tables import (
+    MODEL_TITLES,
+    PAPER_SEG_KEYS,
+    Run,
+    calibration_curves,
+    cls_block,
+)
 from mlssp_jax.rundir import VAL_SCORE
 
 OVERLAY_SUBJECTS = 3
@@ -29,7 +37,8 @@ def _with_task(by_model: dict[str, Run], task: str) -> list[Run]:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a constrained layout is already laid out
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
@@ -73,25 +82,58 @@ def figure_dsc_by_model(runs: Sequence[Run]) -> Figure:
     return fig
 
 
+def _roc_curve(ax, block: dict, label: str, **style) -> None:
+    rows = block["per_subject"]
+    fpr, tpr, _ = metric_fns.roc_curve(np.array([row["label"] for row in rows]),
+                                       np.array([row["prob"] for row in rows]))
+    auc, (low, high) = block["auc"], block["ci95"].get("auc") or (None, None)
+    if auc is not None:
+        label += f" (AUC {auc:.3f}" + (f" [{low:.2f}, {high:.2f}])" if low is not None else ")")
+    ax.plot(fpr, tpr, drawstyle="steps-post", label=label, **style)
+
+
 def figure_roc(runs: Sequence[Run]) -> Figure:
-    """Fig. 6: ROC curves of the (classification) runs' pooled out-of-fold probabilities, AUC
-    in the legend."""
-    fig = Figure(figsize=(4.8, 4.6))
-    ax = fig.subplots()
-    for run in runs:
-        rows = run.summary["classification"]["per_subject"]
-        labels = np.array([row["label"] for row in rows])
-        fpr, tpr, _ = metric_fns.roc_curve(labels, np.array([row["prob"] for row in rows]))
-        auc = run.summary["classification"]["auc"]
-        label = MODEL_TITLES.get(run.model, run.model)
-        ax.plot(fpr, tpr, drawstyle="steps-post",
-                label=f"{label} (AUC {auc:.3f})" if auc is not None else label)
-    ax.plot([0, 1], [0, 1], ls=":", color="grey")
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.set_title("ROC by model (pooled out-of-fold)")
-    ax.legend(loc="lower right", fontsize=8)
+    """Fig. 6: ROC curves of the (classification) runs' pooled out-of-fold probabilities,
+    AUC and its bootstrap 95% CI in the legend: the paper's VOI on the true lesion (left),
+    the whole-scan pipeline (right; the descriptor classifiers dashed)."""
+    whole = [r for r in runs if cls_block(r, "whole") or cls_block(r, "descriptors")]
+    fig = Figure(figsize=(5.0 * (1 + bool(whole)), 5.0))
+    axes = fig.subplots(1, 1 + bool(whole), squeeze=False)[0]
+    for index, run in enumerate(runs):
+        if cls_block(run, "voi"):
+            _roc_curve(axes[0], cls_block(run, "voi"), MODEL_TITLES.get(run.model, run.model),
+                       color=f"C{index}")
+    axes[0].set_title("ROC, VOI on the true lesion (the paper's protocol)\n"
+                      "pooled out-of-fold; AUC [95% bootstrap CI]", fontsize=9)
+    if whole:
+        for index, run in enumerate(runs):
+            title = MODEL_TITLES.get(run.model, run.model)
+            if cls_block(run, "whole"):
+                _roc_curve(axes[1], cls_block(run, "whole"), title, color=f"C{index}")
+            if cls_block(run, "descriptors"):
+                _roc_curve(axes[1], cls_block(run, "descriptors"), f"descriptors, {title}'s lesion",
+                           color=f"C{index}", ls="--")
+        axes[1].set_title("ROC, whole scan (the pipeline's own lesion)\n"
+                          "pooled out-of-fold; AUC [95% bootstrap CI]", fontsize=9)
+    for ax in axes:
+        ax.plot([0, 1], [0, 1], ls=":", color="grey")
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.legend(loc="lower right", fontsize=7)  # ROC curves keep to the upper left
     return fig
+
+
+def figure_calibration(by_model: dict[str, Run]) -> Figure | None:
+    """The reliability diagram of MLSSP's run (else the first classifying run): its CNN by
+    both protocols and the descriptor classifier on its predicted lesion."""
+    runs = [by_model["mlssp"]] if "mlssp" in by_model else list(by_model.values())
+    for run in runs:
+        curves = calibration_curves(run)
+        if curves:
+            block = cls_block(run, "voi") or cls_block(run, "whole")
+            bins = (block or {}).get("calibration_bins", 10)
+            return reliability_figure(curves, bins, f"Reliability of {run.title}")
+    return None
 
 
 def figure_training_curves(runs: Sequence[Run]) -> Figure | None:
@@ -176,17 +218,21 @@ FIGURES = (("fig3_per_subject.png", "Fig. 3: per-subject segmentation metrics of
            ("fig4_dsc_by_model.png", "Fig. 4: mean DSC by model"),
            ("fig5_overlays.png", "Fig. 5: segmentation overlays (ground truth and each model)"),
            ("fig6_roc_by_model.png", "Fig. 6: ROC curves by model"),
-           ("training_curves.png", "Training curves"))
+           ("training_curves.png", "Training curves"),
+           ("reliability.png", "Reliability diagram (calibration)"))
 
 
 def write_figures(runs: Sequence[Run], by_model: dict[str, Run], out: Path) -> list[str]:
     """Draw every figure that the runs allow into ``out``; return the file names written."""
-    seg, cls = _with_task(by_model, "segmentation"), _with_task(by_model, "classification")
+    seg = _with_task(by_model, "segmentation")
+    cls = [r for r in by_model.values()  # any classification: the VOI's, the whole scan's
+           if any(cls_block(r, protocol) for protocol in ("voi", "whole", "descriptors"))]
     drawn = {FIGURES[0][0]: figure_per_subject(runs),
              FIGURES[1][0]: figure_dsc_by_model(seg) if seg else None,
              FIGURES[2][0]: figure_overlays(seg),
              FIGURES[3][0]: figure_roc(cls) if cls else None,
-             FIGURES[4][0]: figure_training_curves(runs)}
+             FIGURES[4][0]: figure_training_curves(runs),
+             FIGURES[5][0]: figure_calibration(by_model)}
     for name, fig in drawn.items():
         if fig is not None:
             _save(fig, out / name)

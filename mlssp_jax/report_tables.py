@@ -35,6 +35,11 @@ PAPER_CLS_BY_MODEL = {"mlssp": (0.9500, 0.905, 1.000, 0.982), "ynet": (0.9375, 0
 MODEL_TITLES = {"mlssp": "MLSSP", "ynet": "Y-Net", "he": "He et al.", "unet3d": "3D U-Net",
                 "cnn": "CNN"}
 CLS_KEYS = ("accuracy", "sensitivity", "specificity")  # Tables 2-3 (the AUC has its own column)
+# The classification blocks of a summary: the paper's VOI on the true lesion, the whole-scan
+# pipeline's CNN (the VOI on the predicted lesion) and the descriptor classifier on the
+# predicted lesion (evaluate's whole_scan.descriptor_classification).
+PROTOCOLS = {"voi": "VOI on the true lesion (paper)", "whole": "whole scan",
+             "descriptors": "whole scan"}
 PAPER_SEG_KEYS = SEG_KEYS[:4]  # the paper's Table 1 has no HD95 or volume error
 
 
@@ -132,50 +137,118 @@ def table_segmentation_by_alpha(runs: Sequence[Run]) -> list[str]:
     return markdown_table(header, rows)
 
 
+def cls_block(run: Run, protocol: str) -> dict | None:
+    """The pooled classification block of ``run`` for a :data:`PROTOCOLS` key (None if the
+    run has none, e.g. a run made before the whole-scan protocol or the descriptors)."""
+    if protocol == "voi":
+        return run.summary["classification"]
+    whole = run.summary.get("whole_scan") or {}
+    return whole.get("classification" if protocol == "whole" else "descriptor_classification")
+
+
 def table_classification_by_alpha(runs: Sequence[Run]) -> list[str]:
-    """Table 2: MLSSP's pooled classification by alpha (accuracy in %), the paper's beside."""
-    header = ["alpha"] + [f"{name} {col}" for name in ("Acc %", "Sens", "Spec")
-                          for col in ("(ours)", "(paper)")] + ["AUC (ours)"]
+    """Table 2: MLSSP's pooled classification by alpha (accuracy in %), by the paper's VOI
+    protocol (the paper's numbers beside it) and by the whole-scan pipeline."""
+    header = ["alpha", "protocol"] + [f"{name} {col}" for name in ("Acc %", "Sens", "Spec")
+                                      for col in ("(ours)", "(paper)")] + ["AUC (ours)"]
     rows = []
     for run in sorted((r for r in runs if r.model == "mlssp"), key=lambda r: str(r.alpha)):
-        paper = PAPER_CLS_BY_ALPHA.get(run.alpha, (None,) * 3)
-        cls = run.summary["classification"]
-        cells = [c for key, ref in zip(CLS_KEYS, paper, strict=True)
-                 for c in (_cell(cls, key, key == "accuracy"), _paper(ref, key == "accuracy"))]
-        rows.append([str(run.alpha)] + cells + [_cell(cls, "auc")])
+        for protocol in ("voi", "whole"):
+            cls = cls_block(run, protocol)
+            if cls is None and protocol != "voi":
+                continue
+            paper = (PAPER_CLS_BY_ALPHA.get(run.alpha, (None,) * 3) if protocol == "voi"
+                     else (None,) * 3)
+            cells = [c for key, ref in zip(CLS_KEYS, paper, strict=True)
+                     for c in (_cell(cls, key, key == "accuracy"),
+                               _paper(ref, key == "accuracy"))]
+            rows.append([str(run.alpha), PROTOCOLS[protocol]] + cells + [_cell(cls, "auc")])
     return markdown_table(header, rows)
 
 
-def delong_vs(run: Run, reference: Run) -> float | None:
-    """DeLong p-value of the AUC difference between two runs on their common subjects."""
-    ours = {r["subject_id"]: r for r in run.summary["classification"]["per_subject"]}
-    theirs = {r["subject_id"]: r for r in reference.summary["classification"]["per_subject"]}
-    common = sorted(set(ours) & set(theirs))
-    labels = np.array([ours[s]["label"] for s in common])
+def delong_p(ours: dict | None, theirs: dict | None) -> float | None:
+    """DeLong p-value of the AUC difference of two pooled classification blocks on their
+    common subjects; None if either is missing or the common subjects are of one class."""
+    if not ours or not theirs:
+        return None
+    a = {r["subject_id"]: r for r in ours["per_subject"]}
+    b = {r["subject_id"]: r for r in theirs["per_subject"]}
+    common = sorted(set(a) & set(b))
+    labels = np.array([a[s]["label"] for s in common])
     if len(common) < 2 or labels.min() == labels.max():
         return None
-    _, _, p = metric_fns.delong_test(labels, np.array([ours[s]["prob"] for s in common]),
-                                     np.array([theirs[s]["prob"] for s in common]))
+    _, _, p = metric_fns.delong_test(labels, np.array([a[s]["prob"] for s in common]),
+                                     np.array([b[s]["prob"] for s in common]))
     return float(p)
 
 
+def _cls_row(title: str, run: Run, protocol: str, paper: Sequence[float | None],
+             p: float | None, against: str) -> list[str]:
+    cls = cls_block(run, protocol)
+    cells = [c for key, ref in zip(CLS_KEYS + ("auc",), paper, strict=True)
+             for c in (_cell(cls, key, key == "accuracy"), _paper(ref, key == "accuracy"))]
+    return ([title, str(run.alpha), PROTOCOLS[protocol]] + cells
+            + ["-" if p is None else f"{p:.3f}", against if p is not None else "-"])
+
+
 def table_classification_by_model(by_model: dict[str, Run]) -> list[str]:
-    """Table 3: classification of each model (with AUC and DeLong p against MLSSP)."""
-    header = ["model", "alpha"] + [f"{name} {col}" for name in ("Acc %", "Sens", "Spec", "AUC")
-                                   for col in ("(ours)", "(paper)")] + ["DeLong p vs MLSSP"]
+    """Table 3: classification of each model by the paper's VOI protocol (the paper's numbers
+    beside it) and by the whole-scan pipeline, DeLong p against MLSSP by the same protocol;
+    then the descriptor classifier on each run's own predicted lesion, DeLong p against that
+    run's CNN branch on the same whole scans."""
+    header = (["model", "alpha", "protocol"]
+              + [f"{name} {col}" for name in ("Acc %", "Sens", "Spec", "AUC")
+                 for col in ("(ours)", "(paper)")] + ["DeLong p", "p against"])
     reference = by_model.get("mlssp")
     rows = []
+    for protocol in ("voi", "whole"):
+        for name, run in by_model.items():
+            if cls_block(run, protocol) is None:
+                continue
+            paper = PAPER_CLS_BY_MODEL.get(name, (None,) * 4) if protocol == "voi" else (None,) * 4
+            p = (delong_p(cls_block(run, protocol), cls_block(reference, protocol))
+                 if reference and name != "mlssp" else None)
+            rows.append(_cls_row(MODEL_TITLES.get(name, name), run, protocol, paper, p,
+                                 f"MLSSP, {PROTOCOLS[protocol]}"))
     for name, run in by_model.items():
-        cls = run.summary["classification"]
-        if not cls:
+        if cls_block(run, "descriptors") is None:
             continue
-        paper = PAPER_CLS_BY_MODEL.get(name, (None,) * 4)
-        cells = [c for key, ref in zip(CLS_KEYS + ("auc",), paper, strict=True)
-                 for c in (_cell(cls, key, key == "accuracy"), _paper(ref, key == "accuracy"))]
-        p = delong_vs(run, reference) if reference and name != "mlssp" else None
-        rows.append([MODEL_TITLES.get(name, name), str(run.alpha)] + cells
-                    + ["-" if p is None else f"{p:.3f}"])
+        title = MODEL_TITLES.get(name, name)
+        p = delong_p(cls_block(run, "descriptors"), cls_block(run, "whole"))
+        rows.append(_cls_row(f"descriptors on {title}'s lesion", run, "descriptors",
+                             (None,) * 4, p, f"{title}'s CNN branch, whole scan"))
     return markdown_table(header, rows)
+
+
+CALIBRATION_TITLES = {"voi": "CNN branch, VOI on the true lesion",
+                      "whole": "CNN branch, whole scan", "descriptors": "descriptors, whole scan"}
+
+
+def calibration_curves(run: Run) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(labels, probabilities) of each classification block of ``run``, by a title of
+    :data:`CALIBRATION_TITLES` (for the reliability diagram)."""
+    curves = {}
+    for protocol, title in CALIBRATION_TITLES.items():
+        block = cls_block(run, protocol)
+        if block:
+            rows = block["per_subject"]
+            curves[title] = (np.array([r["label"] for r in rows], dtype=float),
+                             np.array([r["prob"] for r in rows], dtype=float))
+    return curves
+
+
+def table_calibration(by_model: dict[str, Run]) -> list[str]:
+    """Brier score and ECE (pooled out-of-fold, bootstrap CIs) of each classifier."""
+    rows = []
+    for name, run in by_model.items():
+        for protocol, title in CALIBRATION_TITLES.items():
+            block = cls_block(run, protocol)
+            if block:
+                rows.append([MODEL_TITLES.get(name, name), str(run.alpha), title,
+                             str(len(block["per_subject"])), _cell(block, "brier"),
+                             _cell(block, "ece"), str(block.get("calibration_bins", "-"))])
+    return markdown_table(["model", "alpha", "classifier", "subjects", "Brier", "ECE",
+                           "ECE bins"], rows)
 
 
 def table_segmentation_by_model(by_model: dict[str, Run]) -> list[str]:

@@ -10,6 +10,7 @@ Layout::
     W/fold_K/metrics.jsonl       one record per epoch
     W/fold_K/eval.json           the held-out fold; its presence marks the fold finished
     W/fold_K/predictions/        one ``<subject_id>.npz`` per held-out subject
+    W/fold_K/descriptor_classifier.json  the descriptor classifier (descriptor_eval)
 
 The default run directory is ``runs/<config name>_<model>_alpha<alpha>`` (:func:`default_workdir`),
 so two configs, models or alphas never share one.
@@ -29,6 +30,7 @@ CONFIG_FILE = "config.toml"
 SUMMARY_FILE = "summary.json"
 EVAL_FILE = "eval.json"
 METRICS_FILE = "metrics.jsonl"
+DESCRIPTOR_CLASSIFIER_FILE = "descriptor_classifier.json"
 DEFAULT_ROOT = Path("runs")
 DEFAULT_CONFIG_NAME = "default"  # no --config: the built-in defaults (the paper's settings)
 
@@ -68,6 +70,11 @@ def predictions_dir(workdir: str | Path, fold: int) -> Path:
 def eval_path(workdir: str | Path, fold: int) -> Path:
     """``W/fold_K/eval.json``."""
     return fold_dir(workdir, fold) / EVAL_FILE
+
+
+def descriptor_classifier_path(workdir: str | Path, fold: int) -> Path:
+    """``W/fold_K/descriptor_classifier.json``."""
+    return fold_dir(workdir, fold) / DESCRIPTOR_CLASSIFIER_FILE
 
 
 def metrics_path(workdir: str | Path, fold: int) -> Path:

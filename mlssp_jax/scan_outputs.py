@@ -14,8 +14,8 @@ from pathlib import Path
 from mlssp_jax import measurements, nifti, overlay, scans
 from mlssp_jax.fileio import inside, write_json, write_text
 
-TABLE_COLUMNS = ("name", "image", "volume_ml", "abc2_ml", "avm_probability", "label", "folds",
-                 "seconds")
+TABLE_COLUMNS = ("name", "image", "volume_ml", "abc2_ml", "avm_probability", "label",
+                 "descriptor_avm_probability", "folds", "seconds")
 
 
 def write_scan(out: Path, path: Path, image: nifti.Volume, result: dict, info: dict,
@@ -42,7 +42,9 @@ def write_scan(out: Path, path: Path, image: nifti.Volume, result: dict, info: d
                           result, abc, name)
     return {"name": name, "image": str(path), "volume_ml": round(result["volume_ml"], 4),
             "abc2_ml": abc2_ml, "avm_probability": result["avm_probability"],
-            "label": result["label"], "folds": ";".join(str(k) for k in info["folds"])}
+            "label": result["label"],
+            "descriptor_avm_probability": result.get("descriptor_avm_probability"),
+            "folds": ";".join(str(k) for k in info["folds"])}
 
 
 def write_table(out: Path, rows: list[dict]) -> None:

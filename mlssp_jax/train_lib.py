@@ -22,6 +22,7 @@ from tqdm import tqdm
 from mlssp_jax import (
     augment,
     checkpointing,
+    descriptor_eval,
     fold_eval,
     input_pipeline,
     manifest,
@@ -89,9 +90,11 @@ def steps_per_epoch(config: config_lib.Config, n_train: int, fold: int) -> int:
 
 
 def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[str, list[dict]]:
-    """The fold's ``train``/``val``/``test`` VOI examples (split saved in ``W/splits.json``) and
+    """The fold's ``train``/``val``/``test`` VOI examples (split saved in ``W/splits.json``),
     ``val_volumes``/``test_volumes`` (:func:`patches.load_volumes`, for the whole-scan
-    protocol); ``train`` holds whole volumes instead for ``data.sampling = "whole_volume"``."""
+    protocol) and ``training_subjects`` (``subject_id``, ``label``, ``path`` of the npz: the
+    training folds, for :func:`descriptor_eval.fit_fold`); ``train`` holds whole volumes
+    instead for ``data.sampling = "whole_volume"``."""
     manifest_path = preprocess.resolve_data(config.data)
     subjects = manifest.read_manifest(manifest_path, require_masks=True)
     manifest.check_folds(subjects, config.train.num_folds, where=str(manifest_path))
@@ -123,6 +126,8 @@ def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[
         data["train"] = patches.load_volumes(paths, split["train"], label_of)
     data["val_volumes"] = patches.load_volumes(paths, split["val"], label_of)
     data["test_volumes"] = patches.load_volumes(paths, split["test"], label_of)
+    data["training_subjects"] = [{"subject_id": s, "label": label_of[s], "path": paths[s]}
+                                 for s in split["train"] + split["val"]]
     return data
 
 
@@ -230,7 +235,10 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
     temperature = fold_eval.fit_fold_temperature(config, predict_fn, params, data["val"], mesh)
     rule = wholescan_eval.choose_postprocessing(config, predict_fn, params, data["val_volumes"],
                                                 workdir, fold, mesh)
-    whole = wholescan_eval.held_out(config, predict_fn, params, data["test_volumes"], rule, mesh)
+    descriptor_model = (descriptor_eval.fit_fold(config, data["training_subjects"], workdir, fold)
+                        if descriptor_eval.applies(config) else None)
+    whole = wholescan_eval.held_out(config, predict_fn, params, data["test_volumes"], rule, mesh,
+                                    descriptor_model)
     result = fold_eval.evaluate_fold(config, predict_fn, params, data["test"], workdir, fold,
                                      mesh, temperature=temperature, whole_scan=whole)
     log.info("fold %d: %s | %s", fold, fold_eval.held_out_summary(result),

@@ -7,19 +7,21 @@ run's post-processing (:mod:`mlssp_jax.postprocess`, always inside the brain), t
 false-positive volume (mL of predicted voxels more than ``FP_DISTANCE_MM`` from the true
 lesion) and ``detected`` (a predicted voxel, hence a component, overlaps the lesion). The
 classification comes from the VOI centred on the largest predicted lesion
-(:func:`inference.classify`), which the pipeline finds itself. Volumes are (D, H, W).
+(:func:`inference.classify`), which the pipeline finds itself; if asked, the lesion
+descriptors of the largest post-processed component too (:mod:`mlssp_jax.descriptors`, for
+the descriptor classifier). Volumes are (D, H, W).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from mlssp_jax import inference, metrics, postprocess
+from mlssp_jax import descriptors, inference, metrics, postprocess
 
 FP_DISTANCE_MM = 10.0  # SPEC.md: predicted voxels farther than this from the lesion are false
 SEG_KEYS = ("dsc", "hd95_mm", "volume_error_ml", "false_positive_ml", "detected")
@@ -103,9 +105,12 @@ def classify(volume: dict, prob: np.ndarray, mask: np.ndarray, predict_fn: infer
 
 
 def evaluate(volumes: Sequence[dict], probs: Sequence[np.ndarray], predict_fn, rule: dict,
-             window: int, threshold: float, batch_size: int) -> tuple[dict, list[dict]]:
+             window: int, threshold: float, batch_size: int,
+             describe: Callable[[np.ndarray, dict], dict] | None = None
+             ) -> tuple[dict, list[dict]]:
     """eval.json's ``whole_scan.segmentation`` block and per-subject classification rows
-    (``subject_id``, ``label``, ``cls_prob``: None if the model has no classifier)."""
+    (``subject_id``, ``label``, ``cls_prob``: None if the model has no classifier; with
+    ``describe`` (post-processed mask, volume) -> descriptors, also ``descriptors``)."""
     per_subject, cls_rows = [], []
     for volume, prob in zip(volumes, probs, strict=True):
         mask = postprocessed(volume, prob, rule, threshold)
@@ -115,6 +120,8 @@ def evaluate(volumes: Sequence[dict], probs: Sequence[np.ndarray], predict_fn, r
                          "cls_prob": classify(volume, prob, mask, predict_fn, window,
                                               postprocess.threshold_of(rule, threshold),
                                               batch_size)})
+        if describe is not None:
+            cls_rows[-1]["descriptors"] = describe(mask, volume)
     return segmentation_block(per_subject), cls_rows
 
 
@@ -140,12 +147,13 @@ def choose_postprocessing(volumes: Sequence[dict], probs: Sequence[np.ndarray],
 
 
 def run(volumes: Sequence[dict], predict_fn: inference.PredictFn, cfg, overlap: float,
-        rule: dict | None = None) -> dict:
+        rule: dict | None = None, describe: bool = False) -> dict:
     """Whole-scan prediction and metrics of ``volumes`` under config ``cfg``.
 
-    ``rule`` None chooses the post-processing on these volumes (inner validation). Returns
-    ``rule``, ``scored`` (each candidate's mean DSC, or None), ``segmentation`` (the block
-    of :func:`evaluate`) and ``classification_rows``.
+    ``rule`` None chooses the post-processing on these volumes (inner validation);
+    ``describe``: measure the predicted lesion's descriptors (each row's ``descriptors``).
+    Returns ``rule``, ``scored`` (each candidate's mean DSC, or None), ``segmentation`` (the
+    block of :func:`evaluate`) and ``classification_rows``.
     """
     window, threshold = cfg.data.voi_size, cfg.train.threshold
     batch = cfg.train.batch_size
@@ -153,5 +161,7 @@ def run(volumes: Sequence[dict], predict_fn: inference.PredictFn, cfg, overlap: 
     scored = None
     if rule is None:
         rule, scored = choose_postprocessing(volumes, probs, cfg.train)
-    seg, rows = evaluate(volumes, probs, predict_fn, rule, window, threshold, batch)
+    describer = ((lambda mask, volume: descriptors.largest_lesion_descriptors(mask, volume, cfg))
+                 if describe else None)
+    seg, rows = evaluate(volumes, probs, predict_fn, rule, window, threshold, batch, describer)
     return {"rule": rule, "scored": scored, "segmentation": seg, "classification_rows": rows}

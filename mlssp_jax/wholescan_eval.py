@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from mlssp_jax import config as config_lib
 from mlssp_jax import fold_eval, models, parallel, postprocess, rundir, wholescan
+from mlssp_jax.descriptor_classifier import DescriptorClassifier, lesion_probabilities
 from mlssp_jax.train_step import ApplyFn
 
 log = logging.getLogger(__name__)
@@ -72,22 +73,49 @@ def choose_postprocessing(config: config_lib.Config, predict_fn: ApplyFn, params
 
 
 def held_out(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
-             volumes: list[dict] | None, rule: dict, mesh: Mesh) -> dict | None:
+             volumes: list[dict] | None, rule: dict, mesh: Mesh,
+             descriptor_model: DescriptorClassifier | None = None) -> dict | None:
     """eval.json's ``whole_scan`` block (SPEC.md) on ``volumes`` with post-processing ``rule``;
-    None for a model without segmentation."""
+    None for a model without segmentation. With ``descriptor_model``, also its
+    ``descriptor_classification`` (:func:`descriptor_block`)."""
     if not segments(config, volumes):
         return None
     run = wholescan.run(volumes, numpy_predict_fn(predict_fn, params, mesh), config,
-                        config.inference.overlap, rule)
-    return {"segmentation": run["segmentation"],
-            "classification": fold_eval.classification_result(run["classification_rows"],
-                                                              config.train.threshold)}
+                        config.inference.overlap, rule, describe=descriptor_model is not None)
+    bins = config.train.calibration_bins
+    whole = {"segmentation": run["segmentation"],
+             "classification": fold_eval.classification_result(run["classification_rows"],
+                                                               config.train.threshold, bins)}
+    if descriptor_model is not None:
+        whole["descriptor_classification"] = descriptor_block(
+            descriptor_model, run["classification_rows"], config.train.threshold, bins)
+    return whole
+
+
+def descriptor_block(model: DescriptorClassifier, rows: list[dict], threshold: float,
+                     n_bins: int) -> dict:
+    """``whole_scan.descriptor_classification``: ``classification``'s shape, from ``model``
+    applied to each row's ``descriptors`` (the predicted lesion's). A subject where no lesion
+    was found gets the model's answer for all-missing features (each the training mean), so
+    every held-out subject counts, as the CNN's fallback VOI does; ``per_subject`` marks it
+    ``lesion_found`` false."""
+    described = [r["descriptors"] for r in rows]
+    found = lesion_probabilities([model], described)
+    fallback = float(model.predict_proba(np.full((1, len(model.features)), np.nan))[0])
+    preds = [{"subject_id": r["subject_id"], "label": r["label"],
+              "cls_prob": fallback if p is None else p} for r, p in zip(rows, found, strict=True)]
+    block = fold_eval.classification_result(preds, threshold, n_bins)
+    for row, p in zip(block["per_subject"], found, strict=True):
+        row["lesion_found"] = p is not None
+    return block
 
 
 def summary(whole: dict | None) -> str:
     """One log line's worth of a ``whole_scan`` block."""
     whole = whole or {}
     seg, cls = whole.get("segmentation"), whole.get("classification")
+    described = whole.get("descriptor_classification")
     fmt = fold_eval.format_metric
     return (f"whole scan DSC {fmt(seg and seg['dsc'])}, false positive "
-            f"{fmt(seg and seg['false_positive_ml'])} mL, AUC {fmt(cls and cls['auc'])}")
+            f"{fmt(seg and seg['false_positive_ml'])} mL, AUC {fmt(cls and cls['auc'])}"
+            + (f", descriptor AUC {fmt(described['auc'])}" if described else ""))

@@ -78,14 +78,22 @@ def _prediction(rng, skill):
             "pred": pred.astype(np.uint8), "prob": pred.astype(np.float32)}
 
 
-def _whole_scan(rng, ids, skill, cls):
-    """eval.json's whole_scan block: DSC a little under the VOI protocol's, some false positives."""
+def _whole_scan(rng, ids, labels, skill, cls):
+    """eval.json's whole_scan block: DSC a little under the VOI protocol's, some false
+    positives, and the descriptor classifier (its own probabilities, of the same skill)."""
     rows = [{"subject_id": s, "dsc": float(np.clip(rng.normal(skill - 0.1, 0.1), 0, 1)),
              "hd95_mm": float(rng.uniform(2, 20)), "volume_error_ml": float(rng.uniform(0, 3)),
              "false_positive_ml": float(rng.uniform(0, 2)), "detected": bool(rng.random() < skill)}
             for s in ids]
     seg = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "subject_id"}
-    return {"segmentation": {**seg, "per_subject": rows}, "classification": cls}
+    descriptors = {"accuracy": 0.0, "sensitivity": 0.0, "specificity": 0.0, "auc": 0.0,
+                   "threshold": 0.5, "per_subject": [
+                       {"subject_id": s, "label": lab, "lesion_found": True,
+                        "prob": float(np.clip(0.5 + (2 * lab - 1) * skill * 0.4
+                                              + rng.normal(0, 0.25), 0, 1))}
+                       for s, lab in zip(ids, labels, strict=True)]}
+    return {"segmentation": {**seg, "per_subject": rows}, "classification": cls,
+            "descriptor_classification": descriptors}
 
 
 def write_fake_run(workdir, model="mlssp", alpha=0.4, skill=0.8, seed=0, epochs=3):
@@ -134,7 +142,7 @@ def _write_fold(fold_dir, rng, fold, cfg, ids, labels, probs, skill, epochs):
                                                                       strict=True)]}
     record = {"fold": fold, "alpha": cfg.train.alpha, "model": cfg.model.name,
               "segmentation": seg, "classification": cls,
-              "whole_scan": _whole_scan(rng, ids, skill, cls) if has_seg else None}
+              "whole_scan": _whole_scan(rng, ids, labels, skill, cls) if has_seg else None}
     (fold_dir / "eval.json").write_text(json.dumps(record))
     lines = [json.dumps({"epoch": e, "step": 5 * e, "lr": 1e-5, "train_loss": 1.0 / e,
                          "val_score": skill * (1 - 0.5 / e), "seconds": 1.0})

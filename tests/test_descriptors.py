@@ -125,3 +125,30 @@ def test_empty_mask_gives_zero_volume_and_none():
 def test_needs_a_density():
     with pytest.raises(ValueError, match="hu or image"):
         lesion_descriptors(np.ones((4, 4, 4)), np.ones((4, 4, 4)))
+
+
+@pytest.mark.parametrize("spacing", [2.0, (1.0, 0.7, 2.5)])
+@pytest.mark.parametrize("where", ["deep", "superficial", "on the border", "lobulated"])
+def test_the_crop_gives_the_same_floats_as_the_whole_array(spacing, where):
+    """The cropped computation (the default) equals the whole array's, float for float: deep
+    lesions make the depth's crop grow, one at the array's edge has a real border there."""
+    rng = np.random.default_rng(0)
+    size = 48
+    brain = _ball(21, centre=(24, 24, 24), size=size) | (_distance_vox((24, 24, 40), size) < 9)
+    centre = {"deep": (24, 26, 23), "superficial": (24, 24, 42), "on the border": (24, 24, 47),
+              "lobulated": (30, 20, 25)}[where]
+    lesion = _ball(3, centre=centre, size=size)
+    if where == "lobulated":
+        lesion |= _ball(2, centre=(33, 24, 25), size=size) | _ball(2, centre=(27, 17, 27),
+                                                                  size=size)
+    hu = np.where(lesion, 65.0, 35.0) + rng.normal(0, 8, lesion.shape)
+    hu[rng.random(hu.shape) < 0.05] = 70.0  # some vessel-density voxels
+    image = window(hu, 50.0, 100.0)
+    kwargs = {"spacing_mm": spacing, "cfg": DescriptorConfig(vessel_max_mm=9.0)}
+    for density in ({"hu": hu}, {"image": image}):
+        cropped = lesion_descriptors(lesion, brain, **density, **kwargs)
+        whole = lesion_descriptors(lesion, brain, **density, **kwargs, crop=False)
+        assert cropped == whole
+        assert None not in cropped.values()
+    depth = depth_below_surface_mm(brain, spacing)
+    assert whole["min_depth_mm"] == depth[lesion].min()

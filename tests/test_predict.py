@@ -17,7 +17,8 @@ import pytest
 from helpers import write_fake_run
 from scipy import ndimage
 
-from mlssp_jax import config, manifest, nifti, predict
+from mlssp_jax import config, descriptor_eval, manifest, nifti, predict, rundir
+from mlssp_jax import descriptor_classifier as clf
 from mlssp_jax.cli import run_command
 from mlssp_jax.descriptors import DESCRIPTOR_NAMES
 from mlssp_jax.errors import InputError
@@ -186,6 +187,29 @@ def test_command_writes_mask_and_json_on_the_inputs_grid(tiny_run, tiny_cohort, 
         assert set(record["descriptors"]) == set(DESCRIPTOR_NAMES)
         assert record["descriptors"]["volume_ml"] >= 0
         assert record["label"] == int(record["avm_probability"] >= record["threshold"])
+        _check_descriptor_probability(record, tiny_run)
+    table = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
+    assert "descriptor_avm_probability" in table[0].split(",")
+
+
+def _check_descriptor_probability(record, workdir):
+    """The fold's descriptor classifier applied to the JSON's descriptors; None: no lesion."""
+    if not record["descriptors"]["volume_ml"]:
+        assert record["descriptor_avm_probability"] is None
+        return
+    model = clf.DescriptorClassifier.load(rundir.descriptor_classifier_path(workdir, 0))
+    assert record["descriptor_classifier_folds"] == [0]
+    assert record["descriptor_avm_probability"] == pytest.approx(
+        model.predict_proba(clf.design_matrix([record["descriptors"]], model.features))[0])
+
+
+def test_a_run_without_descriptor_classifiers_gives_null(tmp_path):
+    """What predict's main does per scan, on a run trained before the descriptor classifier
+    (no fold_K/descriptor_classifier.json): no model, so the probability is None (null)."""
+    write_fake_run(tmp_path / "run")
+    classifiers = descriptor_eval.load_fold_models(tmp_path / "run", [0, 1])
+    described = {"volume_ml": 3.0, **dict.fromkeys(clf.DEFAULT_FEATURES, 1.0)}
+    assert classifiers == [] and clf.lesion_probabilities(classifiers, [described]) == [None]
 
 
 def test_command_refuses_an_unfinished_fold(tiny_run, tiny_cohort, tmp_path, capsys):

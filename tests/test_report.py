@@ -54,12 +54,23 @@ def test_tables_have_the_papers_layout(experiment):
     low, high = seg["ci95"]["dsc"]
     assert f"{seg['dsc']:.3f} [{low:.3f}, {high:.3f}]" in row and "*0.814*" in row
     table2 = _section(text, "Table 2")
+    assert len(table2) == 2 + 2 * 5  # each alpha by both protocols
     cls = _summary(dirs[1])["classification"]
-    row = next(line for line in table2 if line.startswith("| 0.4 |"))
-    assert f"{100 * cls['accuracy']:.2f} [" in row and "*95.00*" in row
+    voi, whole = (line for line in table2 if line.startswith("| 0.4 |"))
+    assert f"{100 * cls['accuracy']:.2f} [" in voi and "*95.00*" in voi and "(paper)" in voi
+    whole_cls = _summary(dirs[1])["whole_scan"]["classification"]
+    low, high = whole_cls["ci95"]["auc"]
+    assert f"| whole scan | {100 * whole_cls['accuracy']:.2f} [" in whole
+    assert whole.rstrip(" |").endswith(f"{whole_cls['auc']:.3f} [{low:.3f}, {high:.3f}]")
     table3 = _section(text, "Table 3")
-    assert [line.split("|")[1].strip() for line in table3[2:]] == ["MLSSP", "Y-Net", "He et al.",
-                                                                  "CNN"]
+    assert [line.split("|")[1].strip() + ", " + line.split("|")[3].strip()
+            for line in table3[2:]] == [
+        "MLSSP, VOI on the true lesion (paper)", "Y-Net, VOI on the true lesion (paper)",
+        "He et al., VOI on the true lesion (paper)", "CNN, VOI on the true lesion (paper)",
+        "MLSSP, whole scan", "Y-Net, whole scan", "He et al., whole scan",
+        "descriptors on MLSSP's lesion, whole scan", "descriptors on Y-Net's lesion, whole scan",
+        "descriptors on He et al.'s lesion, whole scan",
+        "descriptors on 3D U-Net's lesion, whole scan"]
     assert "Zhao et al. 2022" in text and "not comparable" in text
 
 
@@ -81,9 +92,38 @@ def test_delong_p_values_against_mlssp(experiment):
     labels = np.array([r["label"] for r in rows_a])
     _, _, p = metrics.delong_test(labels, np.array([r["prob"] for r in rows_a]),
                                   np.array([rows_b[r["subject_id"]]["prob"] for r in rows_a]))
-    assert ynet_row.rstrip(" |").endswith(f"{p:.3f}")
+    assert ynet_row.rstrip(" |").endswith(f"{p:.3f} | MLSSP, VOI on the true lesion (paper)")
     mlssp_row = next(line for line in _section(text, "Table 3") if line.startswith("| MLSSP"))
-    assert mlssp_row.rstrip(" |").endswith("-")
+    assert mlssp_row.rstrip(" |").endswith("- | -")
+
+
+def test_descriptor_rows_are_tested_against_their_own_runs_cnn(experiment):
+    dirs, out = experiment
+    table3 = _section((out / "report.md").read_text(), "Table 3")
+    whole = _summary(dirs[2])["whole_scan"]  # MLSSP at alpha 0.5
+    own = {r["subject_id"]: r for r in whole["classification"]["per_subject"]}
+    rows = whole["descriptor_classification"]["per_subject"]
+    _, _, p = metrics.delong_test(np.array([r["label"] for r in rows]),
+                                  np.array([r["prob"] for r in rows]),
+                                  np.array([own[r["subject_id"]]["prob"] for r in rows]))
+    row = next(line for line in table3 if line.startswith("| descriptors on MLSSP's lesion"))
+    auc = whole["descriptor_classification"]["auc"]
+    assert f"| {auc:.3f} [" in row
+    assert row.rstrip(" |").endswith(f"{p:.3f} | MLSSP's CNN branch, whole scan")
+    unet = next(line for line in table3 if line.startswith("| descriptors on 3D U-Net's"))
+    assert unet.rstrip(" |").endswith("- | -")  # no CNN branch to test against
+
+
+def test_calibration_table_and_reliability_diagram(experiment):
+    dirs, out = experiment
+    text = (out / "report.md").read_text()
+    table = _section(text, "Calibration")
+    mlssp = [line for line in table if line.startswith("| MLSSP | 0.5 |")]
+    assert len(mlssp) == 3  # the CNN by both protocols, the descriptors
+    block = _summary(dirs[2])["whole_scan"]["descriptor_classification"]
+    low, high = block["ci95"]["brier"]
+    assert f"| {block['brier']:.3f} [{low:.3f}, {high:.3f}] |" in mlssp[2]
+    assert "![Reliability diagram (calibration)](reliability.png)" in text
 
 
 def test_figures_are_written_and_linked(experiment):
