@@ -65,7 +65,7 @@ def apply(mask: np.ndarray, brain: np.ndarray, rule: dict, voxel_ml: float,
     if "max_hu" in rule:
         if hu is None:
             raise ValueError(f"post-processing rule {rule} needs the scan's HU")
-        mask &= np.asarray(hu, np.float32) <= rule["max_hu"]
+        mask &= np.asarray(hu) <= rule["max_hu"]  # float16 HU compared as is (no copy)
     if rule["name"] == "none" or not mask.any():
         return mask
     labels, count = ndimage.label(mask, structure=_CONNECTIVITY)
