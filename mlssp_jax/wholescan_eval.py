@@ -66,9 +66,10 @@ def choose_postprocessing(config: config_lib.Config, predict_fn: ApplyFn, params
                         config.inference.overlap)
     if parallel.is_main_process():
         postprocess.save(rundir.fold_dir(workdir, fold), run["rule"], run["scored"])
-    log.info("post-processing chosen on %d inner-validation scans: %s (%s)", len(volumes),
-             run["rule"], ", ".join(f"{postprocess.describe(s['rule'])}: {s['score']:.3f}"
-                                    for s in run["scored"]))
+    scores = [s["score"] for s in run["scored"]]
+    log.info("post-processing chosen on %d inner-validation scans: %s, mean DSC %.3f (%d "
+             "candidates, %.3f-%.3f; each in %s)", len(volumes), postprocess.describe(run["rule"]),
+             max(scores), len(scores), min(scores), max(scores), postprocess.FILE_NAME)
     return run["rule"]
 
 
