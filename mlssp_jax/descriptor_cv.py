@@ -45,7 +45,7 @@ def scan_descriptors(npz_path: Path, config: config_lib.Config) -> dict:
 
 def cohort_descriptors(config: config_lib.Config) -> list[dict]:
     """One row per subject: ``subject_id``, ``label`` and the descriptors of its true mask."""
-    manifest_path = manifest.resolve_data(config.data)
+    manifest_path = preprocess.resolve_data(config.data)
     subjects = manifest.read_manifest(manifest_path, require_masks=True)
     paths = preprocess.cached_cohort(manifest_path, config.data, max(config.train.workers, 1))
     return [{"subject_id": s.subject_id, "label": int(s.label),

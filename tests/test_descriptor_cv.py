@@ -3,6 +3,8 @@ from a preprocessed file (with and without an ``hu`` field)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -68,3 +70,19 @@ def test_command_needs_an_output_folder(capsys):
         descriptor_cv.main([])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_command_on_a_tiny_cohort(tiny_config, tiny_cohort, tmp_path):
+    """The whole command on a manifest: every subject described, out-of-fold probabilities for
+    each, and a saved model that loads and reproduces the coefficients it reports."""
+    out = tmp_path / "cv"
+    assert descriptor_cv.main(["--config", str(tiny_config), "--data", str(tiny_cohort),
+                               "--out", str(out), "--set", "train.num_folds=2"]) == 0
+    rows = json.loads((out / "descriptors.json").read_text())
+    result = json.loads((out / "descriptor_cv.json").read_text())
+    assert len(rows) == 10 and all(r["volume_ml"] > 0 for r in rows)
+    assert len(result["per_subject"]) == 10
+    assert all(0.0 < r["prob"] < 1.0 for r in result["per_subject"])
+    assert 0.0 <= result["auc"] <= 1.0 and result["num_folds"] == 2
+    model = clf.DescriptorClassifier.load(out / "descriptor_classifier.json")
+    assert model.coef.tolist() == pytest.approx(list(result["coefficients"].values()))
