@@ -4,12 +4,16 @@ Features are named descriptors (:mod:`mlssp_jax.descriptors`), standardised with
 training set's mean and standard deviation; a missing value (``None``/NaN, e.g. a rim
 outside the scan) becomes the training mean (0 after standardisation). The fit minimises
 
-    sum_i BCE(y_i, sigmoid(b + x_i . w)) + l2_penalty / 2 * |w|^2
+    sum_i BCE(y_i, sigmoid(b + z_i . w)) + l2_penalty / 2 * |w|^2
 
-(the intercept ``b`` unpenalised; scikit-learn's ``LogisticRegression(C=1 / l2_penalty)``)
-by Newton's method (IRLS) in NumPy: a handful of features, tens to hundreds of subjects,
-converged in ~10 steps. The coefficients are per standard deviation of each feature, so
-their sizes compare. Saved and loaded as JSON.
+over the standardised features ``z_i`` (the intercept ``b`` unpenalised; scikit-learn's
+``LogisticRegression(C=1 / l2_penalty)``) with :func:`optax.lbfgs` in one jitted JAX
+``while_loop``, in float32 (JAX's default precision), until the gradient's norm is at most
+``tol`` per subject: a handful of features, tens to hundreds of subjects, converged in
+~10-20 steps, coefficients within ~1e-6 of the float64 optimum. The rows are padded with
+zero-weight rows to a power of two, so the folds of a cross-validation share one compiled
+program. The coefficients are per standard deviation of each feature, so their sizes
+compare. Saved and loaded as JSON.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from scipy.special import expit
 
 from mlssp_jax.fileio import write_json
@@ -79,30 +86,70 @@ def design_matrix(rows: Sequence[Mapping[str, float | None]],
                      for r in rows], dtype=float).reshape(len(rows), len(features))
 
 
-def _newton(z: np.ndarray, y: np.ndarray, l2_penalty: float, max_iter: int,
-            tol: float) -> np.ndarray:
-    """Penalised IRLS on standardised ``z`` (N, F): returns (F + 1,) = (intercept, coef)."""
-    a = np.column_stack([np.ones(len(z)), z])  # (N, F + 1)
-    penalty = np.full(a.shape[1], l2_penalty)
-    penalty[0] = 0.0
-    theta = np.zeros(a.shape[1])
-    for _ in range(max_iter):
-        p = expit(a @ theta)
-        grad = a.T @ (p - y) + penalty * theta
-        hess = (a * (p * (1 - p))[:, None]).T @ a + np.diag(penalty)
-        step = np.linalg.solve(hess + 1e-10 * np.eye(len(theta)), grad)
-        theta -= step
-        if np.max(np.abs(step)) < tol:
-            break
+# Fewest rows of the padded problem: shapes are powers of two from here, one program each.
+_MIN_PADDED_ROWS = 16
+
+
+def _objective(theta: jax.Array, a: jax.Array, y: jax.Array, weight: jax.Array,
+               l2_penalty: jax.Array) -> jax.Array:
+    """The penalised negative log-likelihood of ``theta`` (F + 1,) = (intercept, coef), for
+    ``a`` (N, F + 1) = [1, z], labels ``y`` (N,) and row weights (N,), 1 (subject) or 0 (pad)."""
+    nll = jnp.sum(weight * optax.sigmoid_binary_cross_entropy(a @ theta, y))
+    return nll + 0.5 * l2_penalty * jnp.sum(theta[1:] ** 2)
+
+
+@jax.jit
+def _lbfgs(a: jax.Array, y: jax.Array, weight: jax.Array, l2_penalty: jax.Array,
+           grad_tol: jax.Array, max_iter: jax.Array) -> jax.Array:
+    """(F + 1,) minimiser of :func:`_objective` from 0: L-BFGS steps until the gradient's
+    L2 norm is at most ``grad_tol`` (or NaN) or after ``max_iter`` steps."""
+    def fun(theta):
+        return _objective(theta, a, y, weight, l2_penalty)
+
+    solver = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(fun)
+
+    def step(carry):
+        theta, state = carry
+        value, grad = value_and_grad(theta, state=state)
+        updates, state = solver.update(grad, state, theta, value=value, grad=grad,
+                                       value_fn=fun)
+        return optax.apply_updates(theta, updates), state
+
+    def running(carry):
+        _, state = carry
+        count = optax.tree.get(state, "count")
+        grad_norm = optax.tree.norm(optax.tree.get(state, "grad"))
+        return (count == 0) | ((count < max_iter) & (grad_norm > grad_tol))
+
+    theta = jnp.zeros(a.shape[1], a.dtype)
+    theta, _ = jax.lax.while_loop(running, step, (theta, solver.init(theta)))
     return theta
+
+
+def _minimise(z: np.ndarray, y: np.ndarray, l2_penalty: float, max_iter: int,
+              tol: float) -> np.ndarray:
+    """Fit on standardised ``z`` (N, F), padded to a power of two of rows (weight 0, which
+    leaves the objective unchanged): returns (F + 1,) float64 = (intercept, coef)."""
+    n = len(z)
+    rows = max(_MIN_PADDED_ROWS, 1 << max(n - 1, 0).bit_length())
+    a = np.zeros((rows, z.shape[1] + 1), np.float32)  # (rows, F + 1)
+    a[:n, 0], a[:n, 1:] = 1.0, z
+    labels, weight = np.zeros(rows, np.float32), np.zeros(rows, np.float32)
+    labels[:n], weight[:n] = y, 1.0
+    theta = _lbfgs(a, labels, weight, np.float32(l2_penalty), np.float32(tol * n),
+                   np.int32(max_iter))
+    return np.asarray(theta, dtype=float)
 
 
 def fit(x: np.ndarray, y: np.ndarray, l2_penalty: float,
         features: Sequence[str] = DEFAULT_FEATURES, max_iter: int = 100,
-        tol: float = 1e-10) -> DescriptorClassifier:
+        tol: float = 1e-7) -> DescriptorClassifier:
     """Fit on (N, F) raw features ``x`` (NaN = missing) and (N,) labels in {0, 1}.
 
     A feature constant on the training set gets scale 1 (its standardised value is 0).
+    L-BFGS stops once the objective's gradient norm is at most ``tol * N`` (1e-7 per
+    subject is about float32's resolution) or after ``max_iter`` steps.
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[1] != len(features):
@@ -112,7 +159,7 @@ def fit(x: np.ndarray, y: np.ndarray, l2_penalty: float,
     scale = np.where(scale > 0, scale, 1.0)
     model = DescriptorClassifier(tuple(features), mean, scale, np.zeros(len(features)), 0.0,
                                  l2_penalty)
-    theta = _newton(model.standardise(x), y, l2_penalty, max_iter, tol)
+    theta = _minimise(model.standardise(x), y, l2_penalty, max_iter, tol)
     return DescriptorClassifier(tuple(features), mean, scale, theta[1:], float(theta[0]),
                                 l2_penalty)
 
