@@ -31,9 +31,12 @@ from scipy.special import expit
 
 from mlssp_jax.fileio import write_json
 
-# The six of issue 16 plus the surface irregularity.
-DEFAULT_FEATURES = ("log_volume_ml", "hu_mean", "hu_std", "centroid_depth_mm",
-                    "vessel_fraction", "rim_hu_mean", "solidity")
+# Size, position and shape, then density relative to the scan's own parenchyma over soft
+# tissue only (:mod:`mlssp_jax.descriptors`): the absolute-HU means and spreads (hu_mean,
+# hu_std, rim_hu_mean, vessel_fraction) moved with the predicted mask's edge (bone and
+# partial volume) and with the scanner, and fitted on true masks they misjudged predicted ones.
+DEFAULT_FEATURES = ("log_volume_ml", "centroid_depth_mm", "solidity", "hu_contrast",
+                    "core_hu_mad", "rim_contrast", "vessel_contrast_fraction")
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,31 @@ Descriptors (:data:`DESCRIPTOR_NAMES`; ``None`` when undefined, e.g. for an empt
   outside the lesion whose density is in [``vessel_min_hu``, ``vessel_max_hu``] (bright
   feeding arteries and draining veins around an AVM).
 
+Relative descriptors, which the classifier uses (:data:`~mlssp_jax.descriptor_classifier.
+DEFAULT_FEATURES`): absolute HU shift with the scanner's calibration and the patient, and a
+mean over a predicted mask's boundary mixes in whatever the mask's edge touches (bone on the
+inner table, calcification, partial volume), so these count only soft-tissue voxels
+(``soft_min_hu`` .. ``soft_max_hu``), use medians, and are taken against the scan's own
+parenchyma:
+
+- ``brain_hu_median``: the median HU of the soft brain voxels more than
+  ``parenchyma_gap_mm`` from the lesion (the reference; on the whole volume);
+- ``hu_contrast``: the lesion's median soft HU minus ``brain_hu_median``;
+- ``core_hu_mad``: the spread of the lesion's core (its soft voxels deeper than ``core_mm``
+  below the lesion's boundary, so the partial-volume edge is left out), as 1.4826 x the
+  median absolute deviation (HU; the standard deviation for Gaussian values); None with
+  fewer than :data:`MIN_CORE_VOXELS` core voxels (AVM clots are heterogeneous);
+- ``rim_contrast``: the median soft HU of the 0-``rim_mm`` rim minus ``brain_hu_median``;
+- ``vessel_contrast_fraction``: the share of the soft brain voxels of the vessel shell at
+  least ``vessel_above_brain_hu`` denser than ``brain_hu_median``.
+
 Distances d are Euclidean in mm (``spacing_mm`` per axis) from the nearest lesion voxel.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -39,7 +57,11 @@ from mlssp_jax import masks
 from mlssp_jax.config import Config, DescriptorConfig
 
 DESCRIPTOR_NAMES = ("volume_ml", "log_volume_ml", "centroid_depth_mm", "min_depth_mm",
-                    "solidity", "hu_mean", "hu_std", "rim_hu_mean", "vessel_fraction")
+                    "solidity", "hu_mean", "hu_std", "rim_hu_mean", "vessel_fraction",
+                    "brain_hu_median", "hu_contrast", "core_hu_mad", "rim_contrast",
+                    "vessel_contrast_fraction")
+MIN_CORE_VOXELS = 8  # fewer core voxels: no core_hu_mad
+MAD_TO_SD = 1.4826   # median absolute deviation -> standard deviation of a Gaussian
 
 
 def hu_from_window(image: np.ndarray, level_hu: float, width_hu: float) -> np.ndarray:
@@ -101,7 +123,8 @@ def shell_margin(spacing: np.ndarray, cfg: DescriptorConfig) -> np.ndarray:
     """(3,) voxels around the lesion's bounding box holding every voxel of the widest shell
     (a voxel within d mm of a lesion voxel is within d / spacing voxels of it on each axis),
     plus one so the lesion never touches a cut face."""
-    return np.ceil(max(cfg.rim_mm, cfg.vessel_max_mm) / spacing).astype(int) + 1
+    widest = max(cfg.rim_mm, cfg.vessel_max_mm, cfg.parenchyma_gap_mm)
+    return np.ceil(widest / spacing).astype(int) + 1
 
 
 def _cut_reach_mm(box: tuple[slice, ...], lo: np.ndarray, hi: np.ndarray,
@@ -147,6 +170,45 @@ def _shell(distance_mm: np.ndarray, inner_mm: float, outer_mm: float,
 
 def _mean_or_none(values: np.ndarray) -> float | None:
     return float(values.mean()) if values.size else None
+
+
+def _median_or_none(values: np.ndarray) -> float | None:
+    return float(np.median(values)) if values.size else None
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _soft(values: np.ndarray, cfg: DescriptorConfig) -> np.ndarray:
+    """Whether each density (HU) is soft tissue (not bone, calcification or air)."""
+    return (values >= cfg.soft_min_hu) & (values <= cfg.soft_max_hu)
+
+
+def parenchyma_median_hu(brain: np.ndarray, density_of: Callable[[np.ndarray], np.ndarray],
+                         box: tuple[slice, ...], near_lesion: np.ndarray,
+                         cfg: DescriptorConfig) -> float | None:
+    """The median HU of the soft ``brain`` voxels (whole (D, H, W) volume) outside
+    ``near_lesion`` (bool, the shape of ``brain[box]``: the voxels within
+    ``parenchyma_gap_mm`` of the lesion, all inside ``box``); ``density_of(index)`` gives
+    the HU of the voxels at a boolean index of the whole volume. None if there are none."""
+    far = np.asarray(brain, bool).copy()
+    far[box] &= ~near_lesion
+    values = density_of(far)
+    return _median_or_none(values[_soft(values, cfg)])
+
+
+def core_spread_hu(lesion: np.ndarray, density: np.ndarray, spacing: np.ndarray,
+                   cfg: DescriptorConfig) -> float | None:
+    """1.4826 x the median absolute deviation (HU) of the soft voxels of ``lesion`` deeper
+    than ``core_mm`` below its boundary ((D, H, W) arrays; the array's border counts as
+    outside); None with fewer than :data:`MIN_CORE_VOXELS` of them."""
+    inside = ndimage.distance_transform_edt(np.pad(lesion, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    core = density[lesion & (inside > cfg.core_mm)]
+    core = core[_soft(core, cfg)]
+    if core.size < MIN_CORE_VOXELS:
+        return None
+    return MAD_TO_SD * float(np.median(np.abs(core - np.median(core))))
 
 
 def _density(image: np.ndarray | None, hu: np.ndarray | None,
@@ -203,6 +265,14 @@ def lesion_descriptors(mask: np.ndarray, brain: np.ndarray, *, image: np.ndarray
     to_lesion = ndimage.distance_transform_edt(~lesion, sampling=spacing)
     vessels = density[_shell(to_lesion, cfg.vessel_min_mm, cfg.vessel_max_mm, brain_box)]
     centroid_depth, min_depth = lesion_depths_mm(brain, mask, centroid, spacing, margin)
+    brain_median = parenchyma_median_hu(
+        brain, lambda index: _density(None if image is None else image[index],
+                                      None if hu is None else hu[index], window_hu),
+        box, to_lesion <= cfg.parenchyma_gap_mm, cfg)
+    soft = _soft(density, cfg)
+    rim = _shell(to_lesion, 0.0, cfg.rim_mm, brain_box) & soft
+    vessel_shell = density[_shell(to_lesion, cfg.vessel_min_mm, cfg.vessel_max_mm, brain_box)
+                           & soft]
     out.update(
         log_volume_ml=math.log(out["volume_ml"]),
         centroid_depth_mm=centroid_depth,
@@ -213,6 +283,13 @@ def lesion_descriptors(mask: np.ndarray, brain: np.ndarray, *, image: np.ndarray
         rim_hu_mean=_mean_or_none(density[_shell(to_lesion, 0.0, cfg.rim_mm, brain_box)]),
         vessel_fraction=_mean_or_none(
             (vessels >= cfg.vessel_min_hu) & (vessels <= cfg.vessel_max_hu)),
+        brain_hu_median=brain_median,
+        hu_contrast=_minus(_median_or_none(lesion_values[_soft(lesion_values, cfg)]),
+                           brain_median),
+        core_hu_mad=core_spread_hu(lesion, density, spacing, cfg),
+        rim_contrast=_minus(_median_or_none(density[rim]), brain_median),
+        vessel_contrast_fraction=None if brain_median is None else _mean_or_none(
+            vessel_shell >= brain_median + cfg.vessel_above_brain_hu),
     )
     return out
 
@@ -232,6 +309,6 @@ def largest_lesion_descriptors(mask: np.ndarray, volume: dict,
                               cfg=config.descriptors)
 
 
-__all__ = ["DESCRIPTOR_NAMES", "depth_below_surface_mm", "grown_box", "hu_from_window",
-           "largest_lesion_descriptors", "lesion_depths_mm", "lesion_descriptors",
-           "shell_margin", "solidity"]
+__all__ = ["DESCRIPTOR_NAMES", "MIN_CORE_VOXELS", "core_spread_hu", "depth_below_surface_mm",
+           "grown_box", "hu_from_window", "largest_lesion_descriptors", "lesion_depths_mm",
+           "lesion_descriptors", "parenchyma_median_hu", "shell_margin", "solidity"]

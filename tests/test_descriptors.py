@@ -144,7 +144,8 @@ def test_the_crop_gives_the_same_floats_as_the_whole_array(spacing, where):
     hu = np.where(lesion, 65.0, 35.0) + rng.normal(0, 8, lesion.shape)
     hu[rng.random(hu.shape) < 0.05] = 70.0  # some vessel-density voxels
     image = window(hu, 50.0, 100.0)
-    kwargs = {"spacing_mm": spacing, "cfg": DescriptorConfig(vessel_max_mm=9.0)}
+    # core_mm 1: a 3-voxel ball at 2.5 mm slices has no voxel 2 mm below its boundary
+    kwargs = {"spacing_mm": spacing, "cfg": DescriptorConfig(vessel_max_mm=9.0, core_mm=1.0)}
     for density in ({"hu": hu}, {"image": image}):
         cropped = lesion_descriptors(lesion, brain, **density, **kwargs)
         whole = lesion_descriptors(lesion, brain, **density, **kwargs, crop=False)
@@ -152,3 +153,67 @@ def test_the_crop_gives_the_same_floats_as_the_whole_array(spacing, where):
         assert None not in cropped.values()
     depth = depth_below_surface_mm(brain, spacing)
     assert whole["min_depth_mm"] == depth[lesion].min()
+
+
+def _relative_scene(rng):
+    """A 5-voxel ball (60 HU, +-8 HU texture), a 0-4 mm rim of 22 HU with a patch of bone
+    in it, parenchyma 30 HU with 2 HU noise; the whole 30-voxel ball is brain."""
+    distance = _distance_vox()
+    lesion = distance <= 5
+    hu = 30.0 + rng.normal(0, 2, lesion.shape)
+    hu[(distance > 5) & (distance <= 9)] = 22.0
+    hu[lesion] = 60.0 + rng.normal(0, 8, lesion.shape)[lesion]
+    hu[30:35, 30:35, 39] = 900.0  # the inner table, 7 voxels from the centre: in the rim
+    return lesion, distance <= 30, hu
+
+
+def test_relative_densities_against_the_scans_parenchyma():
+    lesion, brain, hu = _relative_scene(np.random.default_rng(0))
+    d = lesion_descriptors(lesion, brain, hu=hu)
+    assert d["brain_hu_median"] == pytest.approx(30.0, abs=0.2)
+    assert d["hu_contrast"] == pytest.approx(30.0, abs=2.0)
+    assert d["rim_contrast"] == pytest.approx(-8.0, abs=0.5)  # the bone voxel left out
+    assert d["rim_hu_mean"] > 24.0  # the absolute mean takes the bone in
+    assert d["core_hu_mad"] == pytest.approx(8.0, rel=0.25)  # the core's own texture
+    assert d["vessel_contrast_fraction"] == 0.0  # nothing 15 HU above 30 HU around it
+
+
+def test_relative_descriptors_ignore_a_calibration_offset():
+    """A scanner reading every soft voxel 12 HU high moves the absolute descriptors, not the
+    relative ones."""
+    lesion, brain, hu = _relative_scene(np.random.default_rng(1))
+    shifted = np.where(hu < 100, hu + 12.0, hu)
+    a, b = lesion_descriptors(lesion, brain, hu=hu), lesion_descriptors(lesion, brain, hu=shifted)
+    assert b["hu_mean"] == pytest.approx(a["hu_mean"] + 12.0, abs=0.5)
+    for name in ("hu_contrast", "core_hu_mad", "rim_contrast", "vessel_contrast_fraction"):
+        assert b[name] == pytest.approx(a[name], abs=1e-3), name
+
+
+def test_core_spread_leaves_out_the_partial_volume_edge():
+    """A homogeneous clot (60 HU) whose boundary voxels alternate 35 / 85 HU: the edge
+    spreads hu_std, not the core's spread; a lesion too thin for a core has none."""
+    distance = _distance_vox()
+    lesion = distance <= 6
+    edge = lesion & (distance > 5)
+    hu = np.where(lesion, 60.0, 30.0)
+    hu[edge] = np.where(np.indices(hu.shape).sum(axis=0)[edge] % 2 == 0, 35.0, 85.0)
+    d = lesion_descriptors(lesion, distance <= 30, hu=hu)
+    assert d["hu_std"] > 10.0
+    assert d["core_hu_mad"] == pytest.approx(0.0, abs=1e-6)
+    thin = np.zeros_like(lesion)
+    thin[30:34, 20:44, 32] = True  # one voxel thick: no voxel 2 mm below its boundary
+    assert lesion_descriptors(thin, distance <= 30, hu=hu)["core_hu_mad"] is None
+
+
+def test_vessel_contrast_is_relative_to_the_parenchyma():
+    distance = _distance_vox()
+    lesion = distance <= 5
+    shell = (distance > 8) & (distance <= 12)
+    hu = np.where(lesion, 70.0, 30.0)
+    hu[shell & (np.indices(hu.shape)[0] < CENTRE[0])] = 50.0  # half the shell 20 HU brighter
+    d = lesion_descriptors(lesion, distance <= 30, hu=hu, cfg=DescriptorConfig(vessel_max_mm=15.0))
+    in_shell = (distance > 5 + 2) & (distance <= 5 + 15)  # approximately the 2-15 mm shell
+    expected = np.count_nonzero(shell & (np.indices(hu.shape)[0] < CENTRE[0])) / np.count_nonzero(
+        in_shell)
+    assert d["vessel_contrast_fraction"] == pytest.approx(expected, rel=0.1)
+    assert d["vessel_fraction"] == 0.0  # 50 HU is below the absolute 55-90 HU band
