@@ -204,8 +204,9 @@ class DescriptorConfig:
     (``soft_min_hu``..``soft_max_hu``: bone and calcification left out) and the brain's own
     parenchyma (soft brain voxels more than ``parenchyma_gap_mm`` from the lesion) as their
     reference; ``core_mm``: the lesion's core is its voxels deeper than this below its
-    boundary; ``vessel_above_brain_hu``: a vessel voxel is at least this much denser than the
-    parenchyma. ``l2_penalty`` is the regression's ridge penalty on the
+    boundary; ``noise_shell_mm``: the scan's noise is measured on the parenchyma out to this
+    distance from the lesion; ``vessel_above_brain_hu``: a vessel voxel is at least this
+    much denser than the parenchyma. ``l2_penalty`` is the regression's ridge penalty on the
     standardised coefficients (the intercept is not penalised). ``classifier``: fit the
     regression on each fold's training folds (true masks) and evaluate it on the held-out
     whole scans from the pipeline's own predicted lesion, for every model that segments
@@ -221,6 +222,7 @@ class DescriptorConfig:
     soft_max_hu: float = 100.0
     core_mm: float = 2.0
     parenchyma_gap_mm: float = 6.0
+    noise_shell_mm: float = 15.0
     vessel_above_brain_hu: float = 15.0
     l2_penalty: float = 1.0
     classifier: bool = True
@@ -432,7 +434,8 @@ def _validate_descriptors(c: DescriptorConfig, where: str) -> None:
     _check(c.soft_min_hu < c.soft_max_hu, where,
            "descriptors.soft_min_hu must be < descriptors.soft_max_hu")
     _check(c.core_mm >= 0, where, "descriptors.core_mm must be >= 0")
-    _check(c.parenchyma_gap_mm >= 0, where, "descriptors.parenchyma_gap_mm must be >= 0")
+    _check(0 <= c.parenchyma_gap_mm < c.noise_shell_mm, where,
+           "descriptors.parenchyma_gap_mm must be in [0, descriptors.noise_shell_mm)")
     _check(c.l2_penalty >= 0, where, "descriptors.l2_penalty must be >= 0")
 
 

@@ -34,9 +34,10 @@ from mlssp_jax.fileio import write_json
 # Size, position and shape, then density relative to the scan's own parenchyma over soft
 # tissue only (:mod:`mlssp_jax.descriptors`): the absolute-HU means and spreads (hu_mean,
 # hu_std, rim_hu_mean, vessel_fraction) moved with the predicted mask's edge (bone and
-# partial volume) and with the scanner, and fitted on true masks they misjudged predicted ones.
+# partial volume) and with the scanner (calibration, noise), and fitted on true masks they
+# misjudged predicted ones.
 DEFAULT_FEATURES = ("log_volume_ml", "centroid_depth_mm", "solidity", "hu_contrast",
-                    "core_hu_mad", "rim_contrast", "vessel_contrast_fraction")
+                    "core_texture_hu", "rim_contrast", "vessel_contrast_fraction")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,12 @@ parenchyma:
   below the lesion's boundary, so the partial-volume edge is left out), as 1.4826 x the
   median absolute deviation (HU; the standard deviation for Gaussian values); None with
   fewer than :data:`MIN_CORE_VOXELS` core voxels (AVM clots are heterogeneous);
+- ``noise_hu``: the scan's noise near the lesion, 1.4826 x the median absolute deviation of
+  the residual of a 3 x 3 x 3 median filter over the soft brain voxels
+  ``parenchyma_gap_mm`` < d <= ``noise_shell_mm`` from the lesion;
+- ``core_texture_hu``: ``core_hu_mad`` with that noise taken out,
+  sqrt(max(core_hu_mad^2 - noise_hu^2, 0)): the clot's own heterogeneity whatever the
+  scanner's noise;
 - ``rim_contrast``: the median soft HU of the 0-``rim_mm`` rim minus ``brain_hu_median``;
 - ``vessel_contrast_fraction``: the share of the soft brain voxels of the vessel shell at
   least ``vessel_above_brain_hu`` denser than ``brain_hu_median``.
@@ -58,8 +64,8 @@ from mlssp_jax.config import Config, DescriptorConfig
 
 DESCRIPTOR_NAMES = ("volume_ml", "log_volume_ml", "centroid_depth_mm", "min_depth_mm",
                     "solidity", "hu_mean", "hu_std", "rim_hu_mean", "vessel_fraction",
-                    "brain_hu_median", "hu_contrast", "core_hu_mad", "rim_contrast",
-                    "vessel_contrast_fraction")
+                    "brain_hu_median", "hu_contrast", "noise_hu", "core_hu_mad",
+                    "core_texture_hu", "rim_contrast", "vessel_contrast_fraction")
 MIN_CORE_VOXELS = 8  # fewer core voxels: no core_hu_mad
 MAD_TO_SD = 1.4826   # median absolute deviation -> standard deviation of a Gaussian
 
@@ -123,7 +129,7 @@ def shell_margin(spacing: np.ndarray, cfg: DescriptorConfig) -> np.ndarray:
     """(3,) voxels around the lesion's bounding box holding every voxel of the widest shell
     (a voxel within d mm of a lesion voxel is within d / spacing voxels of it on each axis),
     plus one so the lesion never touches a cut face."""
-    widest = max(cfg.rim_mm, cfg.vessel_max_mm, cfg.parenchyma_gap_mm)
+    widest = max(cfg.rim_mm, cfg.vessel_max_mm, cfg.parenchyma_gap_mm, cfg.noise_shell_mm)
     return np.ceil(widest / spacing).astype(int) + 1
 
 
@@ -198,6 +204,27 @@ def parenchyma_median_hu(brain: np.ndarray, density_of: Callable[[np.ndarray], n
     return _median_or_none(values[_soft(values, cfg)])
 
 
+def noise_hu(density_of_box: Callable[[tuple[slice, ...]], np.ndarray], box: tuple[slice, ...],
+             shape: Sequence[int], parenchyma: np.ndarray) -> float | None:
+    """1.4826 x the median absolute deviation of ``density - median3(density)`` over the
+    ``parenchyma`` voxels (bool, the shape of the ``box`` of a volume of ``shape``).
+
+    ``density_of_box(b)`` gives the HU of box ``b``. The filter runs on ``box`` grown by one
+    voxel inside the volume, so each voxel of ``box`` sees the same neighbours as on the whole
+    volume (the same float). None without parenchyma.
+    """
+    grown = grown_box(np.array([b.start for b in box]), np.array([b.stop - 1 for b in box]),
+                      np.ones(3, int), shape)
+    density = density_of_box(grown)
+    inner = tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown,
+                                                                              strict=True))
+    residual = (density - ndimage.median_filter(density, size=3, mode="reflect"))[inner]
+    values = residual[parenchyma]
+    if not values.size:
+        return None
+    return MAD_TO_SD * float(np.median(np.abs(values - np.median(values))))
+
+
 def core_spread_hu(lesion: np.ndarray, density: np.ndarray, spacing: np.ndarray,
                    cfg: DescriptorConfig) -> float | None:
     """1.4826 x the median absolute deviation (HU) of the soft voxels of ``lesion`` deeper
@@ -270,6 +297,11 @@ def lesion_descriptors(mask: np.ndarray, brain: np.ndarray, *, image: np.ndarray
                                       None if hu is None else hu[index], window_hu),
         box, to_lesion <= cfg.parenchyma_gap_mm, cfg)
     soft = _soft(density, cfg)
+    noise = noise_hu(lambda b: _density(None if image is None else image[b],
+                                        None if hu is None else hu[b], window_hu),
+                     box, mask.shape,
+                     _shell(to_lesion, cfg.parenchyma_gap_mm, cfg.noise_shell_mm, brain_box) & soft)
+    core_mad = core_spread_hu(lesion, density, spacing, cfg)
     rim = _shell(to_lesion, 0.0, cfg.rim_mm, brain_box) & soft
     vessel_shell = density[_shell(to_lesion, cfg.vessel_min_mm, cfg.vessel_max_mm, brain_box)
                            & soft]
@@ -286,7 +318,10 @@ def lesion_descriptors(mask: np.ndarray, brain: np.ndarray, *, image: np.ndarray
         brain_hu_median=brain_median,
         hu_contrast=_minus(_median_or_none(lesion_values[_soft(lesion_values, cfg)]),
                            brain_median),
-        core_hu_mad=core_spread_hu(lesion, density, spacing, cfg),
+        noise_hu=noise,
+        core_hu_mad=core_mad,
+        core_texture_hu=None if core_mad is None or noise is None
+        else math.sqrt(max(core_mad**2 - noise**2, 0.0)),
         rim_contrast=_minus(_median_or_none(density[rim]), brain_median),
         vessel_contrast_fraction=None if brain_median is None else _mean_or_none(
             vessel_shell >= brain_median + cfg.vessel_above_brain_hu),
@@ -311,4 +346,4 @@ def largest_lesion_descriptors(mask: np.ndarray, volume: dict,
 
 __all__ = ["DESCRIPTOR_NAMES", "MIN_CORE_VOXELS", "core_spread_hu", "depth_below_surface_mm",
            "grown_box", "hu_from_window", "largest_lesion_descriptors", "lesion_depths_mm",
-           "lesion_descriptors", "parenchyma_median_hu", "shell_margin", "solidity"]
+           "lesion_descriptors", "noise_hu", "parenchyma_median_hu", "shell_margin", "solidity"]

@@ -217,3 +217,18 @@ def test_vessel_contrast_is_relative_to_the_parenchyma():
         in_shell)
     assert d["vessel_contrast_fraction"] == pytest.approx(expected, rel=0.1)
     assert d["vessel_fraction"] == 0.0  # 50 HU is below the absolute 55-90 HU band
+
+
+@pytest.mark.parametrize("texture_hu", [0.0, 10.0])
+def test_core_texture_takes_the_scanners_noise_out(texture_hu):
+    """Noise of 6 HU everywhere; the clot has its own texture (smooth over 4+ voxels) or none:
+    ``noise_hu`` reads the noise, ``core_texture_hu`` the clot's texture, not the noise."""
+    rng = np.random.default_rng(2)
+    distance = _distance_vox()
+    lesion = distance <= 8
+    waves = np.sin(np.indices(lesion.shape)[0] * 2 * np.pi / 8.0) * math.sqrt(2)  # sd 1
+    hu = np.where(lesion, 60.0 + texture_hu * waves, 30.0) + rng.normal(0, 6, lesion.shape)
+    d = lesion_descriptors(lesion, distance <= 30, hu=hu)
+    assert d["noise_hu"] == pytest.approx(6.0, rel=0.15)
+    assert d["core_hu_mad"] > 5.0  # the noise alone reads as spread
+    assert d["core_texture_hu"] == pytest.approx(texture_hu, abs=3.0)
