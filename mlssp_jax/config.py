@@ -26,6 +26,7 @@ CLS_POOLINGS = ("global", "lesion")
 SAMPLINGS = ("lesion", "whole_volume")
 SYNTH_PRESETS = ("default", "shifted")  # mlssp_jax.synth.settings.PRESETS
 TTA_MODES = ("none", "flips", "all")  # mlssp_jax.ensemble.TTA_MODES
+CLASSIFIERS = ("cnn", "descriptors")  # what predict's avm_probability and label come from
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,11 @@ class InferenceConfig:
     ``gaussian``: Gaussian-weighted mean of overlapping windows (sigma = window / 8, as
     nnU-Net), else the plain mean; ``tta``: test-time augmentation, one of
     :data:`TTA_MODES` (1, 8 or 48 network evaluations per window). ``predict``'s options
-    override them.
+    override them. ``classifier``: where ``predict``'s ``avm_probability`` and ``label`` come
+    from, one of :data:`CLASSIFIERS`: the network's classification branch (``cnn``, the
+    paper's) or the folds' descriptor classifiers on the predicted lesion (``descriptors``;
+    null when no lesion is found; the CNN's if the run has no descriptor classifier). Both
+    are written either way (``cnn_avm_probability``, ``descriptor_avm_probability``).
     """
 
     window: int = 0
@@ -247,6 +252,7 @@ class InferenceConfig:
     batch_size: int = 0
     gaussian: bool = True
     tta: str = "none"
+    classifier: str = "cnn"
 
 
 @dataclass(frozen=True)
@@ -423,6 +429,8 @@ def _validate_inference(c: InferenceConfig, where: str) -> None:
     _check(0.0 <= c.overlap < 1.0, where, "inference.overlap must be in [0, 1)")
     _check(c.batch_size >= 0, where, "inference.batch_size must be >= 0 (0: automatic)")
     _check(c.tta in TTA_MODES, where, f"inference.tta must be one of {', '.join(TTA_MODES)}")
+    _check(c.classifier in CLASSIFIERS, where,
+           f"inference.classifier must be one of {', '.join(CLASSIFIERS)}")
 
 
 def _validate_descriptors(c: DescriptorConfig, where: str) -> None:

@@ -251,6 +251,26 @@ def _since_process_start() -> float:
         return float("nan")
 
 
+def classification_source(asked: str, have_descriptor_classifiers: bool) -> str:
+    """The classifier ``predict`` reports (``inference.classifier``): ``descriptors`` only if
+    the run has descriptor classifiers (else ``cnn``, with a warning)."""
+    if asked == "descriptors" and not have_descriptor_classifiers:
+        log.warning("inference.classifier = descriptors, but the run has no "
+                    "descriptor_classifier.json: avm_probability is the CNN branch's")
+        return "cnn"
+    return asked
+
+
+def with_classification(result: dict, source: str, threshold: float) -> dict:
+    """``result`` with ``avm_probability`` and ``label`` from ``source`` (``cnn`` or
+    ``descriptors``: ``descriptor_avm_probability``), the CNN's kept as
+    ``cnn_avm_probability``; a None probability (no lesion) gives label None."""
+    cnn = result["avm_probability"]
+    chosen = result["descriptor_avm_probability"] if source == "descriptors" else cnn
+    label = None if chosen is None else int(metrics.binarize(chosen, threshold))
+    return {**result, "avm_probability": chosen, "label": label, "cnn_avm_probability": cnn}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     imports = (_since_process_start(), time.process_time())  # start-up and imports
     args = _parser().parse_args(argv)
@@ -272,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     classifiers = descriptor_eval.load_fold_models(args.workdir, folds)
     info["descriptor_classifier_folds"] = [
         k for k in folds if rundir.descriptor_classifier_path(args.workdir, k).is_file()]
+    info["classifier"] = classification_source(cfg.inference.classifier, bool(classifiers))
     clock.lap(f"restore {len(folds)} folds")
     _log_timings("run", timings)
     rows = []
@@ -286,13 +307,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             # run without descriptor_classifier.json files)
             result["descriptor_avm_probability"] = descriptor_classifier.lesion_probabilities(
                 classifiers, [result["descriptors"]])[0]
+            result = with_classification(result, info["classifier"], cfg.train.threshold)
             clock = _Clock(timings)
             row = scan_outputs.write_scan(stage, path, image, result, info, args.dicom_seg)
             clock.lap("write")
             rows.append({**row, "seconds": round(time.perf_counter() - start, 2)})
-            log.info("%s: %.2f mL (ABC/2 %s mL), AVM probability %s (descriptors: %s)",
-                     path.name, result["volume_ml"], row["abc2_ml"], result["avm_probability"],
-                     result["descriptor_avm_probability"])
+            log.info("%s: %.2f mL (ABC/2 %s mL), AVM probability %s (%s; CNN %s, descriptors "
+                     "%s)", path.name, result["volume_ml"], row["abc2_ml"],
+                     result["avm_probability"], info["classifier"],
+                     result["cnn_avm_probability"], result["descriptor_avm_probability"])
             _log_timings(path.name, timings)
         scan_outputs.write_table(stage, rows)
     return 0

@@ -15,7 +15,7 @@ from mlssp_jax import measurements, nifti, overlay, scans
 from mlssp_jax.fileio import inside, write_json, write_text
 
 TABLE_COLUMNS = ("name", "image", "volume_ml", "abc2_ml", "avm_probability", "label",
-                 "descriptor_avm_probability", "folds", "seconds")
+                 "cnn_avm_probability", "descriptor_avm_probability", "folds", "seconds")
 
 
 def write_scan(out: Path, path: Path, image: nifti.Volume, result: dict, info: dict,
@@ -43,6 +43,7 @@ def write_scan(out: Path, path: Path, image: nifti.Volume, result: dict, info: d
     return {"name": name, "image": str(path), "volume_ml": round(result["volume_ml"], 4),
             "abc2_ml": abc2_ml, "avm_probability": result["avm_probability"],
             "label": result["label"],
+            "cnn_avm_probability": result.get("cnn_avm_probability"),
             "descriptor_avm_probability": result.get("descriptor_avm_probability"),
             "folds": ";".join(str(k) for k in info["folds"])}
 

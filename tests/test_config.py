@@ -69,6 +69,8 @@ def test_int_accepted_for_float():
     ({"inference": {"overlap": -0.1}}, "inference.overlap must be in [0, 1)"),
     ({"inference": {"batch_size": -1}}, "inference.batch_size must be >= 0"),
     ({"inference": {"tta": "rotations"}}, "inference.tta must be one of none, flips, all"),
+    ({"inference": {"classifier": "forest"}},
+     "inference.classifier must be one of cnn, descriptors"),
     ({"inference": {"gaussian": "yes"}}, "inference.gaussian: expected bool"),
 ])
 def test_bad_values_are_input_errors(raw, message):

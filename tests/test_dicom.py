@@ -186,7 +186,8 @@ def test_predict_on_the_series_matches_predict_on_its_nifti(tiny_run, series_and
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["name", "image", "volume_ml", "abc2_ml", "avm_probability",
-                             "label", "descriptor_avm_probability", "folds", "seconds"]
+                             "label", "cnn_avm_probability", "descriptor_avm_probability",
+                             "folds", "seconds"]
     assert [r["name"] for r in rows] == [name, "series-a"] and rows[1]["image"] == str(folder)
     assert float(rows[1]["volume_ml"]) == pytest.approx(records[1]["volume_ml"], abs=1e-4)
     assert rows[1]["folds"] == "0" and float(rows[1]["seconds"]) > 0

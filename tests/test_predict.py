@@ -187,6 +187,8 @@ def test_command_writes_mask_and_json_on_the_inputs_grid(tiny_run, tiny_cohort, 
         assert set(record["descriptors"]) == set(DESCRIPTOR_NAMES)
         assert record["descriptors"]["volume_ml"] >= 0
         assert record["label"] == int(record["avm_probability"] >= record["threshold"])
+        assert record["classifier"] == "cnn"  # the tiny config keeps the paper's default
+        assert record["cnn_avm_probability"] == record["avm_probability"]
         _check_descriptor_probability(record, tiny_run)
     table = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
     assert "descriptor_avm_probability" in table[0].split(",")
@@ -294,3 +296,22 @@ def test_a_bad_workdir_is_one_error_and_no_output(kind, tiny_run, tiny_cohort, t
     errors = [line for line in err.split("\n") if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {run}"), err
     assert BAD_RUNS[kind] in errors[0] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("descriptor_prob, label", [(0.8, 1), (0.2, 0), (None, None)])
+def test_the_descriptor_classifier_can_give_the_answer(descriptor_prob, label):
+    """inference.classifier = descriptors: avm_probability and label are the descriptor
+    classifier's (null without a lesion), the CNN's kept beside them."""
+    result = {"avm_probability": 0.3, "label": 0, "descriptor_avm_probability": descriptor_prob}
+    chosen = predict.with_classification(result, "descriptors", 0.5)
+    assert chosen["avm_probability"] == descriptor_prob and chosen["label"] == label
+    assert chosen["cnn_avm_probability"] == 0.3
+    cnn = predict.with_classification(result, "cnn", 0.5)
+    assert (cnn["avm_probability"], cnn["label"], cnn["cnn_avm_probability"]) == (0.3, 0, 0.3)
+
+
+def test_descriptors_asked_without_classifiers_fall_back_to_the_cnn(caplog):
+    assert predict.classification_source("descriptors", True) == "descriptors"
+    assert predict.classification_source("cnn", True) == "cnn"
+    assert predict.classification_source("descriptors", False) == "cnn"
+    assert "no descriptor_classifier.json" in caplog.text

@@ -154,6 +154,8 @@ def test_quick_config_learns_one_fold(tmp_path):
     whole = result["whole_scan"]["segmentation"]
     assert whole["dsc"] > 0.4 and whole["detected"] > 0.5
     assert result["segmentation"]["dsc"] > 0.4
+    # the descriptor classifier on the lesions the pipeline found (AUC 1.0 seen; chance 0.5)
+    assert result["whole_scan"]["descriptor_classification"]["auc"] >= 0.75
 
 
 def test_a_batch_the_fold_cannot_fill_fails_before_writing_anything(tiny_config, tiny_cohort,
