@@ -124,9 +124,10 @@ class ModelConfig:
     """The network. ``share_depth`` (-1 = the variant's own) moves the branch point.
 
     ``cls_pooling``: how the classification branch pools its last feature map, ``"global"``
-    (the paper's global average) or ``"lesion"`` (segmentation-guided, models with both
-    tasks only: weighted by the segmentation probability, dilated by ``cls_rim_voxels``
-    voxels of the pooled map to include the lesion's rim; see :mod:`mlssp_jax.models`).
+    (the paper's global average) or ``"lesion"`` (segmentation-guided: weighted by the
+    segmentation probability, dilated by ``cls_rim_voxels`` voxels of the pooled map to
+    include the lesion's rim; see :mod:`mlssp_jax.models`). A model without a segmentation
+    branch (``cnn``) pools globally whatever this says.
     """
 
     name: str = "mlssp"

@@ -259,13 +259,13 @@ def build_model(model_cfg: ModelConfig) -> MultiTaskNet:
             raise InputError(f"model.share_depth: must be -1 for model '{model_cfg.name}' "
                              f"(only {', '.join(_MOVABLE)} have a movable branch point)")
         depth = model_cfg.share_depth
-    if model_cfg.cls_pooling == "lesion" and not (seg and cls):
-        raise InputError(f"model.cls_pooling: 'lesion' needs both tasks; model "
-                         f"'{model_cfg.name}' has one")
+    # no segmentation to guide it (the CNN alone): the paper's global pooling, so one config
+    # serves MLSSP and its baselines (the experiment's runs)
+    pooling = model_cfg.cls_pooling if seg and cls else "global"
     return MultiTaskNet(seg=seg, cls=cls, share_depth=depth, width=model_cfg.width,
                         dense_units=model_cfg.dense_units, conv_impl=model_cfg.conv_impl,
                         dtype=jnp.dtype(model_cfg.dtype), remat=model_cfg.remat,
-                        cls_pooling=model_cfg.cls_pooling,
+                        cls_pooling=pooling,
                         cls_rim_voxels=model_cfg.cls_rim_voxels)
 
 

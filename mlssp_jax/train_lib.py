@@ -26,6 +26,7 @@ from mlssp_jax import (
     fold_eval,
     input_pipeline,
     manifest,
+    models,
     parallel,
     patches,
     preprocess,
@@ -213,6 +214,7 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
     splits.check_fold(fold, config.train.num_folds)
     rundir.check_config(config, workdir)  # cheap checks first: before the cohort is made
     conv_ops.resolve_impl(config.model.conv_impl)  # an impl that cannot run here: fail now
+    models.build_model(config.model)  # a model the config cannot build: fail before any file
     data = load_fold_data(config, workdir, fold)  # validates the data before writing anything
     mesh = parallel.make_mesh()
     steps = steps_per_epoch(config, len(data["train"]), fold)

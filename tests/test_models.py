@@ -184,8 +184,9 @@ def test_global_pooling_is_the_default_and_unchanged():
     assert params["cls_head"]["dense0"]["kernel"].shape == (4 * WIDTH, 8)
     _, explicit = _shapes(dataclasses.replace(TINY, cls_pooling="global"), (2, 16, 16, 16, 1))
     assert jax.tree.structure(explicit) == jax.tree.structure(params)
-    with pytest.raises(InputError, match="cls_pooling"):
-        build_model(dataclasses.replace(LESION, name="cnn"))
+    # the CNN alone has no lesion to pool over: global, so one config serves every baseline
+    _, cnn = _shapes(dataclasses.replace(LESION, name="cnn"), (2, 16, 16, 16, 1))
+    assert cnn["cls_head"]["dense0"]["kernel"].shape == (4 * WIDTH, 8)
 
 
 def test_lesion_rim_pool_weights_lesion_then_rim():

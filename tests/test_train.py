@@ -158,6 +158,18 @@ def test_quick_config_learns_one_fold(tmp_path):
     assert result["whole_scan"]["descriptor_classification"]["auc"] >= 0.75
 
 
+def test_a_model_the_config_cannot_build_fails_before_writing_anything(tiny_config,
+                                                                       tiny_cohort, tmp_path,
+                                                                       capsys):
+    workdir = tmp_path / "w"
+    argv = train_command(tiny_config, tiny_cohort, workdir)[3:]  # after python -m mlssp_jax.train
+    code = cli.run_command(train.main, [*argv, "--model", "cnn", "--set", "model.share_depth=2"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert lines[-1].startswith("error: ") and "model.share_depth" in lines[-1]
+    assert not workdir.exists()
+
+
 def test_a_batch_the_fold_cannot_fill_fails_before_writing_anything(tiny_config, tiny_cohort,
                                                                      tmp_path, capsys):
     workdir = tmp_path / "w"
