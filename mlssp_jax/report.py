@@ -68,8 +68,10 @@ def render_markdown(runs: Sequence[Run], by_model: dict[str, Run], alpha, figure
               "## Table 3: classification by model", "",
               *table_classification_by_model(by_model), "",
               "Descriptors: an L2 logistic regression on seven lesion descriptors (log volume, "
-              "lesion HU mean and spread, centroid depth below the brain surface, share of "
-              "vessel-density voxels 2-15 mm around the lesion, 0-4 mm rim HU, solidity), "
+              "centroid depth below the brain surface, solidity, and relative to the scan's own "
+              "parenchyma over soft tissue: the lesion's median HU, its core's texture without "
+              "the scan's noise, the 0-4 mm rim's median HU, the share of voxels 15 HU denser "
+              "than the parenchyma 2-15 mm around the lesion), "
               "fitted per fold on the true masks of the training folds and applied to the "
               "descriptors of the lesion the pipeline itself predicts on each held-out whole "
               "scan (no true mask at test time).", "",
