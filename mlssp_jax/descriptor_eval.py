@@ -16,7 +16,8 @@ Post hoc, on a run trained without it (``python -m mlssp_jax.evaluate --workdir 
 ``whole_scan`` block but no ``descriptor_classification``, fit the fold's classifier as
 above, predict the held-out whole scans again with the fold's best checkpoint and saved
 post-processing rule (the masks are not stored), and add the block to eval.json (rewritten
-atomically; the other keys are left as they are). The recomputed whole-scan DSC is compared
+atomically; the other keys are left as they are). Nothing is written until every pending
+fold is done: a failure leaves the run as it was. The recomputed whole-scan DSC is compared
 with the stored one, and a difference logged as a warning.
 """
 
@@ -65,14 +66,14 @@ def training_rows(subjects: Sequence[Mapping], config: config_lib.Config) -> lis
 
 
 def fit_fold(config: config_lib.Config, subjects: Sequence[Mapping], workdir: Path,
-             fold: int) -> clf.DescriptorClassifier:
+             fold: int, save: bool = True) -> clf.DescriptorClassifier:
     """Fit the fold's descriptor classifier on ``subjects`` (its training folds, see
-    :func:`training_rows`) and save it as ``W/fold_K/descriptor_classifier.json``."""
+    :func:`training_rows`) and (if ``save``) save it as ``W/fold_K/descriptor_classifier.json``."""
     rows = training_rows(subjects, config)
     x = clf.design_matrix(rows, clf.DEFAULT_FEATURES)
     y = np.array([r["label"] for r in rows], dtype=float)
     model = clf.fit(x, y, config.descriptors.l2_penalty)
-    if parallel.is_main_process():
+    if save and parallel.is_main_process():
         model.save(rundir.descriptor_classifier_path(workdir, fold))
     log.info("fold %d: descriptor classifier fitted on the true masks of %d training "
              "subjects", fold, len(rows))
@@ -126,21 +127,25 @@ def add_to_run(workdir: str | Path) -> list[int]:
     paths, folds, label_of = _fold_volumes(cfg, workdir)
     mesh = parallel.make_mesh()
     predict_fn = make_predict_fn(cfg, mesh)
+    done = {}  # fold -> (classifier, eval record): written only once every fold succeeded
     for fold, record in sorted(pending.items()):
         split = folds[fold]
         fitted = [{"subject_id": s, "label": label_of[s], "path": paths[s]}
                   for s in split["train"] + split["val"]]
-        model = fit_fold(cfg, fitted, workdir, fold)
+        model = fit_fold(cfg, fitted, workdir, fold, save=False)
         params, _ = checkpointing.restore_best_params(workdir, fold)
         rule = postprocess.load(rundir.fold_dir(workdir, fold))
         volumes = patches.load_volumes(paths, split["test"], label_of)
         whole = wholescan_eval.held_out(cfg, predict_fn, params, volumes, rule, mesh, model)
         _check_same_segmentation(record["whole_scan"], whole, workdir, fold)
         record["whole_scan"][BLOCK] = whole[BLOCK]
-        if parallel.is_main_process():
-            rundir.write_eval(workdir, fold, record)
+        done[fold] = (model, record)
         log.info("fold %d: descriptor classifier on %d held-out whole scans: AUC %s", fold,
                  len(volumes), whole[BLOCK]["auc"])
+    if parallel.is_main_process():
+        for fold, (model, record) in done.items():
+            model.save(rundir.descriptor_classifier_path(workdir, fold))
+            rundir.write_eval(workdir, fold, record)
     return sorted(pending)
 
 

@@ -74,6 +74,27 @@ def test_post_hoc_mode_adds_the_same_block_to_a_run_without_it(tiny_run, tmp_pat
     assert descriptor_eval.add_to_run(run) == []  # already there: nothing to do
 
 
+def test_post_hoc_mode_writes_nothing_when_a_fold_fails(tiny_run, tmp_path, monkeypatch):
+    """A failure while a fold is being evaluated leaves eval.json and the (missing)
+    classifier file as they were: every fold is written at the end or none."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    record = _eval(run)
+    del record["whole_scan"][descriptor_eval.BLOCK]
+    rundir.write_eval(run, 0, record)
+    rundir.descriptor_classifier_path(run, 0).unlink()
+    before = rundir.eval_path(run, 0).read_bytes()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the held-out prediction failed")
+
+    monkeypatch.setattr(descriptor_eval.wholescan_eval, "held_out", fail)
+    with pytest.raises(RuntimeError, match="held-out prediction failed"):
+        descriptor_eval.add_to_run(run)
+    assert rundir.eval_path(run, 0).read_bytes() == before
+    assert not rundir.descriptor_classifier_path(run, 0).exists()
+
+
 def test_post_hoc_mode_refuses_a_model_without_segmentation(tmp_path, capsys):
     write_fake_run(tmp_path / "cnn", model="cnn")
     assert run_command(evaluate.main, ["--workdir", str(tmp_path / "cnn"), "--descriptors"]) == 2
