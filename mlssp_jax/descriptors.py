@@ -186,6 +186,11 @@ def _minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
+def _robust_sd(values: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation of non-empty ``values``."""
+    return MAD_TO_SD * float(np.median(np.abs(values - np.median(values))))
+
+
 def _soft(values: np.ndarray, cfg: DescriptorConfig) -> np.ndarray:
     """Whether each density (HU) is soft tissue (not bone, calcification or air)."""
     return (values >= cfg.soft_min_hu) & (values <= cfg.soft_max_hu)
@@ -220,9 +225,7 @@ def noise_hu(density_of_box: Callable[[tuple[slice, ...]], np.ndarray], box: tup
                                                                               strict=True))
     residual = (density - ndimage.median_filter(density, size=3, mode="reflect"))[inner]
     values = residual[parenchyma]
-    if not values.size:
-        return None
-    return MAD_TO_SD * float(np.median(np.abs(values - np.median(values))))
+    return _robust_sd(values) if values.size else None
 
 
 def core_spread_hu(lesion: np.ndarray, density: np.ndarray, spacing: np.ndarray,
@@ -233,9 +236,7 @@ def core_spread_hu(lesion: np.ndarray, density: np.ndarray, spacing: np.ndarray,
     inside = ndimage.distance_transform_edt(np.pad(lesion, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     core = density[lesion & (inside > cfg.core_mm)]
     core = core[_soft(core, cfg)]
-    if core.size < MIN_CORE_VOXELS:
-        return None
-    return MAD_TO_SD * float(np.median(np.abs(core - np.median(core))))
+    return _robust_sd(core) if core.size >= MIN_CORE_VOXELS else None
 
 
 def _density(image: np.ndarray | None, hu: np.ndarray | None,
@@ -285,26 +286,25 @@ def lesion_descriptors(mask: np.ndarray, brain: np.ndarray, *, image: np.ndarray
     margin = shell_margin(spacing, cfg) if crop else full
     box = grown_box(idx.min(axis=0), idx.max(axis=0), margin, mask.shape)
     origin = [b.start for b in box]
-    density = _density(None if image is None else image[box], None if hu is None else hu[box],
-                       window_hu)
+    def density_at(index) -> np.ndarray:  # HU at a box or boolean index of the whole volume
+        return _density(None if image is None else image[index],
+                        None if hu is None else hu[index], window_hu)
+
+    density = density_at(box)
     lesion, brain_box = mask[box], brain[box]
     lesion_values = density[lesion]
     to_lesion = ndimage.distance_transform_edt(~lesion, sampling=spacing)
-    vessels = density[_shell(to_lesion, cfg.vessel_min_mm, cfg.vessel_max_mm, brain_box)]
+    rim = _shell(to_lesion, 0.0, cfg.rim_mm, brain_box)
+    vessel_band = _shell(to_lesion, cfg.vessel_min_mm, cfg.vessel_max_mm, brain_box)
+    vessels = density[vessel_band]
     centroid_depth, min_depth = lesion_depths_mm(brain, mask, centroid, spacing, margin)
-    brain_median = parenchyma_median_hu(
-        brain, lambda index: _density(None if image is None else image[index],
-                                      None if hu is None else hu[index], window_hu),
-        box, to_lesion <= cfg.parenchyma_gap_mm, cfg)
+    brain_median = parenchyma_median_hu(brain, density_at, box,
+                                        to_lesion <= cfg.parenchyma_gap_mm, cfg)
     soft = _soft(density, cfg)
-    noise = noise_hu(lambda b: _density(None if image is None else image[b],
-                                        None if hu is None else hu[b], window_hu),
-                     box, mask.shape,
+    noise = noise_hu(density_at, box, mask.shape,
                      _shell(to_lesion, cfg.parenchyma_gap_mm, cfg.noise_shell_mm, brain_box) & soft)
     core_mad = core_spread_hu(lesion, density, spacing, cfg)
-    rim = _shell(to_lesion, 0.0, cfg.rim_mm, brain_box) & soft
-    vessel_shell = density[_shell(to_lesion, cfg.vessel_min_mm, cfg.vessel_max_mm, brain_box)
-                           & soft]
+    vessel_shell = density[vessel_band & soft]
     out.update(
         log_volume_ml=math.log(out["volume_ml"]),
         centroid_depth_mm=centroid_depth,
@@ -312,7 +312,7 @@ def lesion_descriptors(mask: np.ndarray, brain: np.ndarray, *, image: np.ndarray
         solidity=solidity(lesion, spacing, origin),
         hu_mean=float(lesion_values.mean()),
         hu_std=float(lesion_values.std()),
-        rim_hu_mean=_mean_or_none(density[_shell(to_lesion, 0.0, cfg.rim_mm, brain_box)]),
+        rim_hu_mean=_mean_or_none(density[rim]),
         vessel_fraction=_mean_or_none(
             (vessels >= cfg.vessel_min_hu) & (vessels <= cfg.vessel_max_hu)),
         brain_hu_median=brain_median,
@@ -322,7 +322,7 @@ def lesion_descriptors(mask: np.ndarray, brain: np.ndarray, *, image: np.ndarray
         core_hu_mad=core_mad,
         core_texture_hu=None if core_mad is None or noise is None
         else math.sqrt(max(core_mad**2 - noise**2, 0.0)),
-        rim_contrast=_minus(_median_or_none(density[rim]), brain_median),
+        rim_contrast=_minus(_median_or_none(density[rim & soft]), brain_median),
         vessel_contrast_fraction=None if brain_median is None else _mean_or_none(
             vessel_shell >= brain_median + cfg.vessel_above_brain_hu),
     )
