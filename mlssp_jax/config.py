@@ -27,6 +27,7 @@ SAMPLINGS = ("lesion", "whole_volume")
 SYNTH_PRESETS = ("default", "shifted")  # mlssp_jax.synth.settings.PRESETS
 TTA_MODES = ("none", "flips", "all")  # mlssp_jax.ensemble.TTA_MODES
 CLASSIFIERS = ("cnn", "descriptors")  # what predict's avm_probability and label come from
+POSTPROCESS_SELECT = ("dsc", "volume")  # how the inner validation picks the threshold
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,10 @@ class TrainConfig:
     components under each of ``postprocess_min_ml`` (mL), at each probability threshold of
     ``postprocess_thresholds`` (empty: ``threshold`` only); ``postprocess_max_hu`` (> 0)
     removes predicted voxels denser than that many HU (bone, calcification; 0 = off).
+    ``postprocess_select``: ``"dsc"`` takes the rule and threshold of best mean DSC;
+    ``"volume"`` the component rule of best mean DSC, then, among the thresholds, the one
+    whose inner-validation volumes are least biased (median signed volume error closest to
+    0 mL; ties: the better DSC), a volumetry tool's calibration.
     """
 
     alpha: float | str = 0.4
@@ -186,6 +191,7 @@ class TrainConfig:
     postprocess_min_ml: tuple[float, ...] = (0.5, 1.0, 2.0)
     postprocess_thresholds: tuple[float, ...] = ()
     postprocess_max_hu: float = 0.0
+    postprocess_select: str = "dsc"
     workers: int = 2
     prefetch: int = 2
     log_every_steps: int = 10
@@ -412,6 +418,9 @@ def validate(config: Config, where: str = "config") -> None:
     _check(all(0.0 < v < 1.0 for v in t.postprocess_thresholds), where,
            "train.postprocess_thresholds values must be in (0, 1)")
     _check(t.postprocess_max_hu >= 0, where, "train.postprocess_max_hu must be >= 0 (0 = off)")
+    _check(t.postprocess_select in POSTPROCESS_SELECT, where,
+           f"train.postprocess_select must be one of {list(POSTPROCESS_SELECT)}, "
+           f"got {t.postprocess_select!r}")
     _check(t.workers >= 0 and t.prefetch >= 0, where,
            "train.workers and train.prefetch must be >= 0")
     _check(t.auto_weight_lr >= 0, where, "train.auto_weight_lr must be >= 0")

@@ -6,8 +6,10 @@ mL), with two optional keys: ``"threshold"`` (the probability a voxel must reach
 the config's ``train.threshold``) and ``"max_hu"`` (voxels denser than this many HU are never
 hemorrhage: bone or calcification left inside the brain mask; acute blood is 50-100 HU).
 Every rule first restricts the mask to the brain. Training chooses the rule with the best mean
-whole-scan DSC on the inner validation subjects (ties: the earlier, simpler rule) and saves
-it as ``W/fold_K/postprocessing.json``; the held-out evaluation and ``predict`` apply it.
+whole-scan DSC on the inner validation subjects (ties: the earlier, simpler rule), or with
+``train.postprocess_select = "volume"`` that rule's components at the threshold of least
+biased volumes (:func:`choose_scored`), and saves it as ``W/fold_K/postprocessing.json``; the
+held-out evaluation and ``predict`` apply it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,36 +57,73 @@ def threshold_of(rule: dict, default: float) -> float:
     return float(rule.get("threshold", default))
 
 
+def restrict(mask: np.ndarray, brain: np.ndarray, rule: dict,
+             hu: np.ndarray | None = None) -> np.ndarray:
+    """``mask`` (bool, (D, H, W)) inside ``brain`` and, for a rule with ``max_hu``, where
+    ``hu`` (the scan's HU on the same grid) is at most that."""
+    mask = np.asarray(mask, bool) & np.asarray(brain, bool)
+    if "max_hu" in rule:
+        if hu is None:
+            raise ValueError(f"post-processing rule {rule} needs the scan's HU")
+        mask &= np.asarray(hu) <= rule["max_hu"]  # float16 HU compared as is (no copy)
+    return mask
+
+
+def label(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 26-connected components of ``mask``: labels (D, H, W) int (0: background) and
+    the voxel count of each component, ``sizes[j]`` for label ``j + 1``."""
+    labels, count = ndimage.label(mask, structure=_CONNECTIVITY)
+    return labels, np.bincount(labels.ravel(), minlength=count + 1)[1:]
+
+
+def kept_components(sizes: np.ndarray, rule: dict, voxel_ml: float) -> np.ndarray:
+    """Which components (bool per entry of ``sizes``, voxels each) ``rule`` keeps."""
+    sizes = np.asarray(sizes)
+    if rule["name"] == "none":
+        return np.ones(sizes.shape, bool)
+    if rule["name"] == "largest":
+        keep = np.zeros(sizes.shape, bool)
+        if sizes.size:
+            keep[int(np.argmax(sizes))] = True
+        return keep
+    if rule["name"] == "min_ml":
+        return sizes * voxel_ml >= rule["min_ml"]
+    raise ValueError(f"unknown post-processing rule {rule!r}")
+
+
 def apply(mask: np.ndarray, brain: np.ndarray, rule: dict, voxel_ml: float,
           hu: np.ndarray | None = None) -> np.ndarray:
     """The mask (bool, (D, H, W)) after ``rule``, inside ``brain``; ``voxel_ml`` one voxel's mL.
 
     ``hu`` (D, H, W) the scan's HU on the same grid, needed by a rule with ``max_hu``.
     """
-    mask = np.asarray(mask, bool) & np.asarray(brain, bool)
-    if "max_hu" in rule:
-        if hu is None:
-            raise ValueError(f"post-processing rule {rule} needs the scan's HU")
-        mask &= np.asarray(hu) <= rule["max_hu"]  # float16 HU compared as is (no copy)
+    mask = restrict(mask, brain, rule, hu)
     if rule["name"] == "none" or not mask.any():
         return mask
-    labels, count = ndimage.label(mask, structure=_CONNECTIVITY)
-    sizes = np.bincount(labels.ravel())[1:]
-    if rule["name"] == "largest":
-        keep = np.zeros(count + 1, bool)
-        keep[1 + int(np.argmax(sizes))] = True
-    elif rule["name"] == "min_ml":
-        keep = np.concatenate([[False], sizes * voxel_ml >= rule["min_ml"]])
-    else:
-        raise ValueError(f"unknown post-processing rule {rule!r}")
-    return keep[labels]
+    labels, sizes = label(mask)
+    return np.concatenate([[False], kept_components(sizes, rule, voxel_ml)])[labels]
 
 
-def choose(score: Callable[[dict], float], rules: Sequence[dict]) -> tuple[dict, list[dict]]:
-    """The rule of highest ``score(rule)`` (the first of equals) and every rule's score."""
-    scored = [{"rule": rule, "score": float(score(rule))} for rule in rules]
-    best = max(range(len(scored)), key=lambda i: (scored[i]["score"], -i))
-    return scored[best]["rule"], scored
+def choose_scored(scored: Sequence[dict], select: str) -> dict:
+    """The rule chosen among ``scored`` (``rule``, ``score`` (mean DSC) and, for ``"volume"``,
+    ``median_volume_error_ml``), in candidate order.
+
+    ``"dsc"``: the highest score (the first of equals). ``"volume"``: the component rule of
+    that best one (its name and ``min_ml``), then among its thresholds the one whose median
+    signed volume error is closest to 0 mL (ties: the higher score, then the first).
+    """
+    order = range(len(scored))
+    best = max(order, key=lambda i: (scored[i]["score"], -i))
+    if select == "dsc":
+        return scored[best]["rule"]
+    if select != "volume":
+        raise ValueError(f"unknown post-processing selection {select!r}")
+    def component(rule: dict) -> dict:
+        return {k: v for k, v in rule.items() if k != "threshold"}
+    same = [i for i in order if component(scored[i]["rule"]) == component(scored[best]["rule"])]
+    chosen = min(same, key=lambda i: (abs(scored[i]["median_volume_error_ml"]),
+                                      -scored[i]["score"], i))
+    return scored[chosen]["rule"]
 
 
 def save(fold_dir: Path, rule: dict, scored: list[dict]) -> None:

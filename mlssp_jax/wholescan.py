@@ -81,11 +81,32 @@ def postprocessed(volume: dict, prob: np.ndarray, rule: dict, threshold: float) 
                              hu=volume.get("hu"))
 
 
-def mean_dsc(volumes: Sequence[dict], probs: Sequence[np.ndarray], rule: dict,
-             threshold: float) -> float:
-    """Mean whole-scan DSC over subjects with ``rule`` (the post-processing choice's score)."""
-    return float(np.mean([dsc(postprocessed(v, p, rule, threshold), v["mask"])
-                          for v, p in zip(volumes, probs, strict=True)]))
+def validation_scores(volumes: Sequence[dict], probs: Sequence[np.ndarray],
+                      rules: Sequence[dict], threshold: float) -> list[dict]:
+    """Each of ``rules`` on the validation ``volumes``: ``score`` (mean DSC) and
+    ``median_volume_error_ml`` (median over subjects of predicted minus true mL, signed), as
+    :func:`postprocessed` masks would give. The components are labelled once per volume and
+    threshold (and HU cap) and each rule's counts read off them."""
+    dscs, errors = np.zeros((len(rules), len(volumes))), np.zeros((len(rules), len(volumes)))
+    for j, (volume, prob) in enumerate(zip(volumes, probs, strict=True)):
+        truth = np.asarray(volume["mask"], bool)
+        n_truth, ml = int(np.count_nonzero(truth)), voxel_ml(volume["spacing_mm"])
+        counted = {}  # (threshold, max_hu) -> (voxels, lesion voxels) of each component
+        for i, rule in enumerate(rules):
+            key = (postprocess.threshold_of(rule, threshold), rule.get("max_hu"))
+            if key not in counted:
+                found = postprocess.restrict(metrics.binarize(prob, key[0]), volume["brain"],
+                                             rule, hu=volume.get("hu"))
+                labels, sizes = postprocess.label(found)
+                hits = np.bincount(labels[truth], minlength=sizes.size + 1)[1:]
+                counted[key] = (sizes, hits)
+            sizes, hits = counted[key]
+            keep = postprocess.kept_components(sizes, rule, ml)
+            n_pred, tp = int(sizes[keep].sum()), int(hits[keep].sum())
+            dscs[i, j] = 1.0 if n_pred + n_truth == 0 else 2 * tp / (n_pred + n_truth)
+            errors[i, j] = (n_pred - n_truth) * ml
+    return [{"score": float(np.mean(d)), "median_volume_error_ml": float(np.median(e))}
+            for d, e in zip(dscs, errors, strict=True)]
 
 
 def dsc(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -136,21 +157,25 @@ def segmentation_block(per_subject: list[dict]) -> dict:
 
 
 def choose_postprocessing(volumes: Sequence[dict], probs: Sequence[np.ndarray],
-                          train_cfg) -> tuple[dict, list[dict]]:
-    """The post-processing rule of best mean DSC on ``volumes`` and each candidate's score,
-    among :func:`postprocess.candidates` of ``train_cfg``'s ``postprocess_*`` fields."""
+                          train_cfg, select: str | None = None) -> tuple[dict, list[dict]]:
+    """The post-processing rule chosen on ``volumes`` and each candidate's scores
+    (:func:`validation_scores`), among :func:`postprocess.candidates` of ``train_cfg``'s
+    ``postprocess_*`` fields, by ``select`` (None: ``train_cfg.postprocess_select``;
+    :func:`postprocess.choose_scored`)."""
     max_hu = train_cfg.postprocess_max_hu or None
     rules = postprocess.candidates(train_cfg.postprocess_min_ml,
                                    train_cfg.postprocess_thresholds, max_hu)
-    return postprocess.choose(lambda rule: mean_dsc(volumes, probs, rule, train_cfg.threshold),
-                              rules)
+    scores = validation_scores(volumes, probs, rules, train_cfg.threshold)
+    scored = [{"rule": rule, **score} for rule, score in zip(rules, scores, strict=True)]
+    return postprocess.choose_scored(scored, select or train_cfg.postprocess_select), scored
 
 
 def run(volumes: Sequence[dict], predict_fn: inference.PredictFn, cfg, overlap: float,
-        rule: dict | None = None, describe: bool = False) -> dict:
+        rule: dict | None = None, describe: bool = False, select: str | None = None) -> dict:
     """Whole-scan prediction and metrics of ``volumes`` under config ``cfg``.
 
-    ``rule`` None chooses the post-processing on these volumes (inner validation);
+    ``rule`` None chooses the post-processing on these volumes (inner validation), by
+    ``select`` (:func:`choose_postprocessing`);
     ``describe``: measure the predicted lesion's descriptors (each row's ``descriptors``).
     Returns ``rule``, ``scored`` (each candidate's mean DSC, or None), ``segmentation`` (the
     block of :func:`evaluate`) and ``classification_rows``.
@@ -160,7 +185,7 @@ def run(volumes: Sequence[dict], predict_fn: inference.PredictFn, cfg, overlap: 
     probs = predict_volumes(volumes, predict_fn, window, overlap, batch)
     scored = None
     if rule is None:
-        rule, scored = choose_postprocessing(volumes, probs, cfg.train)
+        rule, scored = choose_postprocessing(volumes, probs, cfg.train, select)
     describer = ((lambda mask, volume: descriptors.largest_lesion_descriptors(mask, volume, cfg))
                  if describe else None)
     seg, rows = evaluate(volumes, probs, predict_fn, rule, window, threshold, batch, describer)

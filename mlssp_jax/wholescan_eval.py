@@ -44,10 +44,12 @@ def segments(config: config_lib.Config, volumes: list[dict] | None) -> bool:
 def score_inner_val(predict_fn: ApplyFn, params: Any, volumes: list[dict],
                     config: config_lib.Config, mesh: Mesh) -> dict:
     """Inner validation on whole scans (sliding windows with ``train.val_overlap``, the best
-    post-processing rule): ``val_dsc``, ``val_false_positive_ml``, ``val_postprocessing``,
-    ``val_auc``, ``val_accuracy`` and ``val_score`` (:func:`fold_eval.selection_score`)."""
+    post-processing rule by DSC, whatever ``train.postprocess_select``: the checkpoint is chosen
+    for its segmentation, the threshold calibrated after): ``val_dsc``,
+    ``val_false_positive_ml``, ``val_postprocessing``, ``val_auc``, ``val_accuracy`` and
+    ``val_score`` (:func:`fold_eval.selection_score`)."""
     run = wholescan.run(volumes, numpy_predict_fn(predict_fn, params, mesh), config,
-                        config.train.val_overlap)
+                        config.train.val_overlap, select="dsc")
     seg = run["segmentation"]
     cls = fold_eval.classification_result(run["classification_rows"], config.train.threshold)
     return {"val_dsc": seg["dsc"], "val_false_positive_ml": seg["false_positive_ml"],
@@ -58,8 +60,9 @@ def score_inner_val(predict_fn: ApplyFn, params: Any, volumes: list[dict],
 
 def choose_postprocessing(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
                           volumes: list[dict], workdir: Path, fold: int, mesh: Mesh) -> dict:
-    """The post-processing rule of best whole-scan DSC on the inner-validation ``volumes``
-    (``none`` without them or a segmentation), saved as ``W/fold_K/postprocessing.json``."""
+    """The post-processing rule chosen on the inner-validation ``volumes`` by
+    ``train.postprocess_select`` (``none`` without them or a segmentation), saved as
+    ``W/fold_K/postprocessing.json``."""
     if not segments(config, volumes):
         return dict(postprocess.NONE)
     run = wholescan.run(volumes, numpy_predict_fn(predict_fn, params, mesh), config,
@@ -67,9 +70,12 @@ def choose_postprocessing(config: config_lib.Config, predict_fn: ApplyFn, params
     if parallel.is_main_process():
         postprocess.save(rundir.fold_dir(workdir, fold), run["rule"], run["scored"])
     scores = [s["score"] for s in run["scored"]]
-    log.info("post-processing chosen on %d inner-validation scans: %s, mean DSC %.3f (%d "
-             "candidates, %.3f-%.3f; each in %s)", len(volumes), postprocess.describe(run["rule"]),
-             max(scores), len(scores), min(scores), max(scores), postprocess.FILE_NAME)
+    chosen = next(s for s in run["scored"] if s["rule"] == run["rule"])
+    log.info("post-processing chosen on %d inner-validation scans by %s: %s, mean DSC %.3f, "
+             "median volume error %+.2f mL (%d candidates, DSC %.3f-%.3f; each in %s)",
+             len(volumes), config.train.postprocess_select, postprocess.describe(run["rule"]),
+             chosen["score"], chosen["median_volume_error_ml"], len(scores), min(scores),
+             max(scores), postprocess.FILE_NAME)
     return run["rule"]
 
 

@@ -30,8 +30,9 @@ def test_choice_takes_the_best_score_and_the_simplest_of_equals(tmp_path):
     rules = postprocess.candidates([2.0, 0.5])
     assert [r["name"] for r in rules] == ["none", "largest", "min_ml", "min_ml"]
     assert [r.get("min_ml") for r in rules[2:]] == [0.5, 2.0]
-    best, scored = postprocess.choose(lambda r: 0.7 if r["name"] != "none" else 0.6, rules)
-    assert best == {"name": "largest"} and len(scored) == 4
+    scored = [{"rule": r, "score": 0.7 if r["name"] != "none" else 0.6} for r in rules]
+    best = postprocess.choose_scored(scored, "dsc")
+    assert best == {"name": "largest"}
     postprocess.save(tmp_path / "fold_0", best, scored)
     postprocess.save(tmp_path / "fold_1", {"name": "none"}, scored)
     postprocess.save(tmp_path / "fold_2", {"name": "none"}, scored)
@@ -78,8 +79,72 @@ def test_the_chosen_threshold_is_the_one_of_best_validation_dsc():
     volume = {"image": prob, "brain": np.ones_like(truth), "mask": truth, "spacing_mm": 2.0,
               "hu": np.full(truth.shape, 60.0, np.float16)}
     cfg = SimpleNamespace(postprocess_min_ml=(), postprocess_thresholds=(0.5, 0.6),
-                          postprocess_max_hu=0.0, threshold=0.5)
+                          postprocess_max_hu=0.0, threshold=0.5, postprocess_select="dsc")
     rule, scored = wholescan.choose_postprocessing([volume], [prob], cfg)
     assert rule == {"name": "none", "threshold": 0.6}
     assert wholescan.dsc(wholescan.postprocessed(volume, prob, rule, 0.5), truth) == 1.0
     assert max(s["score"] for s in scored if s["rule"]["threshold"] == 0.5) < 1.0
+
+
+def test_volume_selection_keeps_the_best_components_and_the_least_biased_threshold():
+    rules = postprocess.candidates([1.0], (0.5, 0.7, 0.9))
+    def row(rule, score, bias):
+        return {"rule": rule, "score": score, "median_volume_error_ml": bias}
+    # by DSC: "largest"@0.5; its volumes are +2.0 / -0.3 / -1.1 mL off at 0.5 / 0.7 / 0.9,
+    # and "none"@0.7 is unbiased but keeps every component (not the rule DSC chose)
+    bias = {("none", 0.7): 0.0, ("largest", 0.5): 2.0, ("largest", 0.7): -0.3,
+            ("largest", 0.9): -1.1}
+    scored = [row(r, 0.80 + 0.05 * (r["name"] == "largest" and r["threshold"] == 0.5),
+                  bias.get((r["name"], r["threshold"]), 5.0)) for r in rules]
+    assert postprocess.choose_scored(scored, "dsc") == {"name": "largest", "threshold": 0.5}
+    assert postprocess.choose_scored(scored, "volume") == {"name": "largest", "threshold": 0.7}
+    tied = [dict(s, median_volume_error_ml=0.5) for s in scored]  # equal bias: better DSC
+    assert postprocess.choose_scored(tied, "volume") == {"name": "largest", "threshold": 0.5}
+    with pytest.raises(ValueError, match="selection"):
+        postprocess.choose_scored(scored, "median")
+
+
+def test_the_volume_choice_takes_the_threshold_of_unbiased_validation_volumes():
+    from types import SimpleNamespace
+
+    from mlssp_jax import wholescan
+    truth = np.zeros((16, 16, 16), np.uint8)
+    truth[4:10, 4:10, 4:10] = 1
+    prob = np.where(truth, 0.9, 0.0).astype(np.float32)
+    prob[3:11, 3:11, 3:11] = np.maximum(prob[3:11, 3:11, 3:11], 0.55)  # a rim at 0.55
+    volume = {"image": prob, "brain": np.ones_like(truth), "mask": truth, "spacing_mm": 2.0,
+              "hu": np.full(truth.shape, 60.0, np.float16)}
+    cfg = SimpleNamespace(postprocess_min_ml=(), postprocess_thresholds=(0.5, 0.6, 0.95),
+                          postprocess_max_hu=0.0, threshold=0.5, postprocess_select="volume")
+    rule, scored = wholescan.choose_postprocessing([volume], [prob], cfg)
+    assert rule == {"name": "none", "threshold": 0.6}
+    by_threshold = {s["rule"]["threshold"]: s["median_volume_error_ml"] for s in scored
+                    if s["rule"]["name"] == "none"}
+    rim_ml = (8**3 - 6**3) * 8 / 1000  # the 0.55 rim's voxels, 2 mm each
+    assert by_threshold == pytest.approx({0.5: rim_ml, 0.6: 0.0, 0.95: -216 * 8 / 1000})
+
+
+def test_validation_scores_match_the_masks_each_rule_makes():
+    from mlssp_jax import wholescan
+    rng = np.random.default_rng(0)
+    volumes, probs = [], []
+    for _ in range(3):
+        truth = np.zeros((16, 16, 16), np.uint8)
+        truth[3:9, 4:11, 5:10] = 1
+        prob = np.clip(truth * 0.7 + rng.uniform(0, 0.6, truth.shape), 0, 1).astype(np.float32)
+        hu = rng.uniform(0, 200, truth.shape).astype(np.float16)
+        brain = np.ones_like(truth)
+        brain[:, :, :2] = 0
+        volumes.append({"brain": brain, "mask": truth, "spacing_mm": 2.0, "hu": hu})
+        probs.append(prob)
+    rules = postprocess.candidates([0.01, 0.05], (0.5, 0.8), 150.0) + [{"name": "largest"}]
+    for rule, got in zip(rules, wholescan.validation_scores(volumes, probs, rules, 0.6),
+                         strict=True):
+        masks = [wholescan.postprocessed(v, p, rule, 0.6)
+                 for v, p in zip(volumes, probs, strict=True)]
+        want_dsc = np.mean([wholescan.dsc(m, v["mask"])
+                            for m, v in zip(masks, volumes, strict=True)])
+        want_err = np.median([(m.sum() - v["mask"].sum()) * 8e-3
+                              for m, v in zip(masks, volumes, strict=True)])
+        assert got["score"] == pytest.approx(want_dsc, abs=1e-12), rule
+        assert got["median_volume_error_ml"] == pytest.approx(want_err, abs=1e-9), rule
