@@ -2,7 +2,8 @@
 
 The inner-validation score (:func:`score_inner_val`, after every epoch) picks the best
 checkpoint; :func:`evaluate_fold` scores it on the held-out fold. Segmentation is the
-probability thresholded with :func:`mlssp_jax.metrics.binarize` (``>= train.threshold``).
+probability thresholded with :func:`mlssp_jax.metrics.binarize` (``>= train.threshold``, or
+on the held-out fold the threshold its post-processing chose on the inner validation).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _mean(values: Iterable[float | None]) -> float | None:
 def segmentation_result(preds: list[dict], threshold: float,
                         spacing_mm: float) -> dict | None:
     """eval.json's ``segmentation``: per-subject :data:`~mlssp_jax.rundir.SEG_KEYS` of
-    ``seg_prob >= threshold`` on VOIs of ``spacing_mm`` voxels, and their means.
+    ``seg_prob >= threshold`` on VOIs of ``spacing_mm`` voxels, their means and ``threshold``.
 
     An undefined value (a ratio over zero, or HD95 with an empty mask: infinite) is null in
     JSON and left out of the mean.
@@ -79,7 +80,7 @@ def segmentation_result(preds: list[dict], threshold: float,
         per_subject.append({"subject_id": p["subject_id"],
                             **{k: _finite_or_none(m[k]) for k in SEG_KEYS}})
     means = {k: _mean(s[k] for s in per_subject) for k in SEG_KEYS}
-    return {**means, "per_subject": per_subject}
+    return {**means, "threshold": threshold, "per_subject": per_subject}
 
 
 def classification_result(preds: list[dict], threshold: float, n_bins: int = 10) -> dict | None:
@@ -163,26 +164,31 @@ def _with_temperature(preds: list[dict], temperature: float) -> list[dict]:
 
 def evaluate_fold(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
                   examples: list[dict], workdir: Path, fold: int, mesh: Mesh,
-                  temperature: float = 1.0, whole_scan: dict | None = None) -> dict:
+                  temperature: float = 1.0, whole_scan: dict | None = None,
+                  seg_threshold: float | None = None) -> dict:
     """Predict the held-out VOIs with ``predict_fn`` (the one compiled for validation, from
     :func:`~mlssp_jax.train_step.make_predict_fn`); write ``W/fold_K/eval.json`` (SPEC.md,
     with the ``whole_scan`` block given, :mod:`mlssp_jax.wholescan_eval`) and
     ``W/fold_K/predictions/``.
 
     ``temperature`` (:func:`fit_fold_temperature`) rescales the classification
-    probabilities; it is recorded in ``classification.temperature``.
+    probabilities; it is recorded in ``classification.temperature``. ``seg_threshold``: the
+    segmentation probability threshold (None: ``train.threshold``; training passes the one
+    the fold's post-processing chose on its inner validation, so that both protocols score
+    the same calibrated model), recorded in ``segmentation.threshold``.
     """
     preds = predict_examples(predict_fn, params, examples, config.train.batch_size, mesh)
     preds = _with_temperature(preds, temperature)
     threshold = config.train.threshold
+    seg_threshold = threshold if seg_threshold is None else seg_threshold
     classification = classification_result(preds, threshold, config.train.calibration_bins)
     if classification is not None:
         classification["temperature"] = temperature
     result = {"fold": fold, "alpha": config.train.alpha, "model": config.model.name,
-              "segmentation": segmentation_result(preds, threshold, config.data.spacing_mm),
+              "segmentation": segmentation_result(preds, seg_threshold, config.data.spacing_mm),
               "classification": classification, "whole_scan": whole_scan}
     if parallel.is_main_process():
-        save_predictions(rundir.predictions_dir(workdir, fold), preds, threshold)
+        save_predictions(rundir.predictions_dir(workdir, fold), preds, seg_threshold)
         rundir.write_eval(workdir, fold, result)
     return result
 

@@ -29,6 +29,7 @@ from mlssp_jax import (
     models,
     parallel,
     patches,
+    postprocess,
     preprocess,
     rundir,
     splits,
@@ -242,7 +243,9 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
     whole = wholescan_eval.held_out(config, predict_fn, params, data["test_volumes"], rule, mesh,
                                     descriptor_model)
     result = fold_eval.evaluate_fold(config, predict_fn, params, data["test"], workdir, fold,
-                                     mesh, temperature=temperature, whole_scan=whole)
+                                     mesh, temperature=temperature, whole_scan=whole,
+                                     seg_threshold=postprocess.threshold_of(
+                                         rule, config.train.threshold))
     log.info("fold %d: %s | %s", fold, fold_eval.held_out_summary(result),
              wholescan_eval.summary(whole))
     return result

@@ -23,7 +23,8 @@ def test_results_have_spec_fields_and_mean_per_subject_metrics():
     assert [s["subject_id"] for s in seg["per_subject"]] == ["a", "b"]
     assert seg["dsc"] == pytest.approx((1.0 + 2 / 3) / 2)
     assert seg["sensitivity"] == pytest.approx(0.75)
-    assert set(seg) == {*rundir.SEG_KEYS, "per_subject"}
+    assert set(seg) == {*rundir.SEG_KEYS, "threshold", "per_subject"} and seg["threshold"] == 0.5
+    assert fold_eval.segmentation_result(preds, 0.15, spacing_mm=2.0)["dsc"] == 1.0  # b found
     assert set(seg["per_subject"][0]) == {"subject_id", *rundir.SEG_KEYS}
     # b misses 4 voxels of 8 mm^3 each: 0.032 mL; a is exact
     assert seg["volume_error_ml"] == pytest.approx((0.0 + 4 * 8 / 1000) / 2)

@@ -67,6 +67,8 @@ def test_whole_scan_block_and_post_processing_of_a_run(tiny_run):
     chosen = json.loads((fold / "postprocessing.json").read_text())
     assert chosen["rule"]["name"] in ("none", "largest", "min_ml")
     assert len(chosen["validation"]) == 2 + 3  # none, largest, the default min_ml values
+    voi = json.loads((fold / "eval.json").read_text())["segmentation"]  # the same threshold
+    assert voi["threshold"] == chosen["rule"].get("threshold", 0.5)
 
 
 def test_whole_volume_sampling_trains_and_selects_on_whole_scans(tiny_config, tiny_cohort,
