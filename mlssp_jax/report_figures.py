@@ -145,15 +145,17 @@ def figure_training_curves(runs: Sequence[Run]) -> Figure | None:
         return None
     cols = min(3, len(logs))
     rows = -(-len(logs) // cols)
-    fig = Figure(figsize=(4.4 * cols, 3.0 * rows))
+    fig = Figure(figsize=(4.4 * cols, 3.0 * rows + 0.5), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    folds: dict[str, object] = {}  # fold name -> its line, for one legend under the panels
     for ax, (run, files) in zip(axes, logs, strict=False):
         score_ax = ax.twinx()
         for index, file in enumerate(files):
             records = rundir.read_jsonl(file)
             epochs = [r["epoch"] for r in records]
-            ax.plot(epochs, [r.get("train_loss") for r in records], color=f"C{index}",
-                    label=file.parent.name)
+            (line,) = ax.plot(epochs, [r.get("train_loss") for r in records],
+                              color=f"C{index}")
+            folds.setdefault(file.parent.name, line)
             score_ax.plot(epochs, [r.get(VAL_SCORE) for r in records], color=f"C{index}",
                           ls="--")
         score_ax.set_ylim(0, 1)
@@ -162,9 +164,10 @@ def figure_training_curves(runs: Sequence[Run]) -> Figure | None:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("train loss")
-        ax.legend(fontsize=6, loc="upper center")
     for ax in axes[len(logs):]:
         ax.set_visible(False)
+    fig.legend(list(folds.values()), list(folds), loc="outside lower center",
+               ncol=len(folds), fontsize=7)  # outside the panels: no curve is covered
     fig.suptitle("Training curves\n(solid: train loss; dashed: inner-validation score)",
                  fontsize=9)
     return fig
