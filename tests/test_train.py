@@ -36,7 +36,7 @@ def test_trains_one_fold_and_writes_every_output(tiny_run):
     result = json.loads((fold / "eval.json").read_text())
     assert (result["fold"], result["alpha"], result["model"]) == (0, 0.4, "mlssp")
     seg, cls = result["segmentation"], result["classification"]
-    assert SEG_KEYS | {"per_subject"} == set(seg)
+    assert SEG_KEYS | {"threshold", "per_subject"} == set(seg)
     assert {"accuracy", "sensitivity", "specificity", "auc", "brier", "ece", "temperature",
             "threshold", "per_subject"} == set(cls)
     assert cls["temperature"] == 1.0  # train.temperature_scaling is off
