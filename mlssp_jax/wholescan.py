@@ -177,7 +177,7 @@ def run(volumes: Sequence[dict], predict_fn: inference.PredictFn, cfg, overlap: 
     ``rule`` None chooses the post-processing on these volumes (inner validation), by
     ``select`` (:func:`choose_postprocessing`);
     ``describe``: measure the predicted lesion's descriptors (each row's ``descriptors``).
-    Returns ``rule``, ``scored`` (each candidate's mean DSC, or None), ``segmentation`` (the
+    Returns ``rule``, ``scored`` (each candidate's scores, or None), ``segmentation`` (the
     block of :func:`evaluate`) and ``classification_rows``.
     """
     window, threshold = cfg.data.voi_size, cfg.train.threshold

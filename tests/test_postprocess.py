@@ -68,16 +68,23 @@ def test_thresholds_and_the_density_cap_are_part_of_the_rule(tmp_path):
                                                               [0.4, 0.6, 0.7])
 
 
+def _cube_with_a_rim():
+    """A 6^3 lesion at probability 0.9 inside a one-voxel rim at 0.55, 2 mm voxels: the
+    (volume, prob, truth) of one validation scan."""
+    truth = np.zeros((16, 16, 16), np.uint8)
+    truth[4:10, 4:10, 4:10] = 1
+    prob = np.where(truth, 0.9, 0.0).astype(np.float32)
+    prob[3:11, 3:11, 3:11] = np.maximum(prob[3:11, 3:11, 3:11], 0.55)
+    volume = {"image": prob, "brain": np.ones_like(truth), "mask": truth, "spacing_mm": 2.0,
+              "hu": np.full(truth.shape, 60.0, np.float16)}
+    return volume, prob, truth
+
+
 def test_the_chosen_threshold_is_the_one_of_best_validation_dsc():
     from types import SimpleNamespace
 
     from mlssp_jax import wholescan
-    truth = np.zeros((16, 16, 16), np.uint8)
-    truth[4:10, 4:10, 4:10] = 1
-    prob = np.where(truth, 0.9, 0.0).astype(np.float32)
-    prob[3:11, 3:11, 3:11] = np.maximum(prob[3:11, 3:11, 3:11], 0.55)  # a rim at 0.55
-    volume = {"image": prob, "brain": np.ones_like(truth), "mask": truth, "spacing_mm": 2.0,
-              "hu": np.full(truth.shape, 60.0, np.float16)}
+    volume, prob, truth = _cube_with_a_rim()
     cfg = SimpleNamespace(postprocess_min_ml=(), postprocess_thresholds=(0.5, 0.6),
                           postprocess_max_hu=0.0, threshold=0.5, postprocess_select="dsc")
     rule, scored = wholescan.choose_postprocessing([volume], [prob], cfg)
@@ -108,12 +115,7 @@ def test_the_volume_choice_takes_the_threshold_of_unbiased_validation_volumes():
     from types import SimpleNamespace
 
     from mlssp_jax import wholescan
-    truth = np.zeros((16, 16, 16), np.uint8)
-    truth[4:10, 4:10, 4:10] = 1
-    prob = np.where(truth, 0.9, 0.0).astype(np.float32)
-    prob[3:11, 3:11, 3:11] = np.maximum(prob[3:11, 3:11, 3:11], 0.55)  # a rim at 0.55
-    volume = {"image": prob, "brain": np.ones_like(truth), "mask": truth, "spacing_mm": 2.0,
-              "hu": np.full(truth.shape, 60.0, np.float16)}
+    volume, prob, truth = _cube_with_a_rim()
     cfg = SimpleNamespace(postprocess_min_ml=(), postprocess_thresholds=(0.5, 0.6, 0.95),
                           postprocess_max_hu=0.0, threshold=0.5, postprocess_select="volume")
     rule, scored = wholescan.choose_postprocessing([volume], [prob], cfg)
