@@ -1,12 +1,14 @@
 """Orbax checkpoints of one fold under ``W/fold_K/checkpoints/``: the latest and the best.
 
 A checkpoint is saved after every epoch, numbered by the count of finished epochs, with
-three items: ``params`` (the model's parameters), ``train_state`` (step, learned
-log-variances, optimiser state) and ``meta`` (JSON: epoch, step, seed and that epoch's
-metrics record). The loader is a pure function of (seed, epoch, index), so epoch + seed
-is the whole loader state. Orbax writes each checkpoint to a temporary directory and
-renames it when complete, so a process killed mid-save leaves the previous checkpoint
-intact; leftover temporaries are removed when the manager is next opened.
+three items: ``params`` (the model's parameters as evaluated: the moving average when
+``train.ema_decay`` keeps one), ``train_state`` (step, learned log-variances, optimiser
+state and, with a moving average, the optimiser's own ``online_params``) and ``meta``
+(JSON: epoch, step, seed and that epoch's metrics record). The loader is a pure function
+of (seed, epoch, index), so epoch + seed is the whole loader state. Orbax writes each
+checkpoint to a temporary directory and renames it when complete, so a process killed
+mid-save leaves the previous checkpoint intact; leftover temporaries are removed when the
+manager is next opened.
 
 Two are kept: the latest (to resume) and the best by ``meta["score"]`` (higher is better,
 the inner-validation score; see :func:`mlssp_jax.fold_eval.selection_score`).
@@ -24,6 +26,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from mlssp_jax import config as config_lib
 from mlssp_jax import models, rundir
 from mlssp_jax.errors import InputError
+from mlssp_jax.train_step import eval_params
 
 SCORE = "score"
 
@@ -52,8 +55,10 @@ def save(manager: ocp.CheckpointManager, epoch: int, state: Any, meta: dict, sco
     Called on every process (orbax coordinates the hosts).
     """
     train_state = {"step": state.step, "log_vars": state.log_vars, "opt_state": state.opt_state}
+    if state.ema_params is not None:
+        train_state["online_params"] = state.params
     manager.save(epoch, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
+        params=ocp.args.StandardSave(eval_params(state)),
         train_state=ocp.args.StandardSave(train_state),
         meta=ocp.args.JsonSave(meta),
     ), metrics={SCORE: float(score)})
@@ -67,13 +72,17 @@ def restore(manager: ocp.CheckpointManager, epoch: int, like: Any) -> tuple[Any,
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     train_state = {"step": abstract.step, "log_vars": abstract.log_vars,
                    "opt_state": abstract.opt_state}
+    averaged = like.ema_params is not None
+    if averaged:
+        train_state["online_params"] = abstract.params
     restored = manager.restore(epoch, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract.params),
         train_state=ocp.args.StandardRestore(train_state),
         meta=ocp.args.JsonRestore(),
     ))
     ts = restored["train_state"]
-    state = like.replace(params=restored["params"], step=ts["step"],
+    state = like.replace(params=ts["online_params"] if averaged else restored["params"],
+                         ema_params=restored["params"] if averaged else None, step=ts["step"],
                          log_vars=ts["log_vars"], opt_state=ts["opt_state"])
     return state, dict(restored["meta"])
 

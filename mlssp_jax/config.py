@@ -28,6 +28,7 @@ SYNTH_PRESETS = ("default", "shifted")  # mlssp_jax.synth.settings.PRESETS
 TTA_MODES = ("none", "flips", "all")  # mlssp_jax.ensemble.TTA_MODES
 CLASSIFIERS = ("cnn", "descriptors")  # what predict's avm_probability and label come from
 POSTPROCESS_SELECT = ("dsc", "volume")  # how the inner validation picks the threshold
+CHECKPOINT_TASKS = ("both", "segmentation")  # what the best checkpoint is chosen on
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,16 @@ class TrainConfig:
     [e^-max, e^-min]). ``temperature_scaling``: fit a temperature on the inner-validation
     logits of the best checkpoint and apply it to the held-out probabilities.
     ``calibration_bins``: the equal-width bins of the expected calibration error.
+    ``checkpoint_tasks``: what the inner-validation score that picks the best checkpoint
+    weighs, one of :data:`CHECKPOINT_TASKS`: ``"both"`` (the paper's tasks, the mean of DSC and
+    the classification branch's AUC) or ``"segmentation"`` (the DSC; for a run whose
+    classification comes from the predicted lesion's descriptors, the checkpoint that
+    segments best serves both, and an AUC on a few subjects moves in steps far larger than
+    the DSC's epoch-to-epoch differences).
+    ``ema_decay``: keep an exponential moving average of the parameters with this decay per
+    step (0 = off, the paper); the average is what the inner validation scores, what the
+    checkpoints' ``params`` hold and so what evaluation and ``predict`` use (Polyak
+    averaging: a smoother model than the last step's, and a less noisy checkpoint choice).
     ``patches_per_subject``: training samples drawn per subject and epoch.
     ``seg_bce_weight``: voxel cross-entropy added to the Dice (:func:`losses.total_loss`;
     0 = the paper); ``batch_dice``: the Dice over the whole batch (false = the paper's
@@ -201,6 +212,8 @@ class TrainConfig:
     log_var_max: float = 4.0
     temperature_scaling: bool = False
     calibration_bins: int = 10
+    ema_decay: float = 0.0
+    checkpoint_tasks: str = "both"
 
 
 @dataclass(frozen=True)
@@ -405,6 +418,10 @@ def validate(config: Config, where: str = "config") -> None:
         _check(0.0 <= t.alpha <= 1.0, where, "train.alpha must be in [0, 1]")
     _check(t.learning_rate > 0, where, "train.learning_rate must be > 0")
     _check(0.0 <= t.lr_decay_per_epoch < 1.0, where, "train.lr_decay_per_epoch must be in [0, 1)")
+    _check(0.0 <= t.ema_decay < 1.0, where, "train.ema_decay must be in [0, 1)")
+    _check(t.checkpoint_tasks in CHECKPOINT_TASKS, where,
+           f"train.checkpoint_tasks must be one of {list(CHECKPOINT_TASKS)}, "
+           f"got {t.checkpoint_tasks!r}")
     _check(t.epochs >= 1, where, "train.epochs must be >= 1")
     _check(t.batch_size >= 1, where, "train.batch_size must be >= 1")
     _check(t.num_folds >= 2, where, "train.num_folds must be >= 2")

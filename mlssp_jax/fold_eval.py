@@ -100,16 +100,18 @@ def classification_result(preds: list[dict], threshold: float, n_bins: int = 10)
                              "prob": p["cls_prob"]} for p in preds]}
 
 
-def selection_score(seg: dict | None, cls: dict | None) -> float:
+def selection_score(seg: dict | None, cls: dict | None, tasks: str = "both") -> float:
     """The inner-validation score that picks the best checkpoint (higher is better).
 
-    The mean over the model's tasks of the mean DSC (segmentation) and the AUC
-    (classification; the accuracy when the AUC is undefined, i.e. one class only).
+    ``tasks`` (``train.checkpoint_tasks``): ``"both"``, the mean over the model's tasks of the
+    mean DSC (segmentation) and the AUC (classification; the accuracy when the AUC is
+    undefined, i.e. one class only); ``"segmentation"``, the DSC alone (the AUC alone for
+    a model that does not segment).
     """
     parts = []
     if seg is not None:
         parts.append(seg["dsc"] if seg["dsc"] is not None else 0.0)
-    if cls is not None:
+    if cls is not None and (tasks == "both" or seg is None):
         parts.append(cls["auc"] if cls["auc"] is not None else cls["accuracy"] or 0.0)
     return float(np.mean(parts))
 
@@ -122,7 +124,8 @@ def score_inner_val(predict_fn: ApplyFn, params: Any, examples: list[dict],
     seg = segmentation_result(preds, config.train.threshold, config.data.spacing_mm)
     cls = classification_result(preds, config.train.threshold, config.train.calibration_bins)
     return {"val_dsc": seg and seg["dsc"], "val_auc": cls and cls["auc"],
-            "val_accuracy": cls and cls["accuracy"], "val_score": selection_score(seg, cls)}
+            "val_accuracy": cls and cls["accuracy"],
+            "val_score": selection_score(seg, cls, config.train.checkpoint_tasks)}
 
 
 def save_predictions(out_dir: Path, preds: list[dict], threshold: float) -> None:

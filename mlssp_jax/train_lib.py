@@ -41,6 +41,7 @@ from mlssp_jax.ops import conv_ops
 from mlssp_jax.train_step import (
     TrainState,
     create_train_state,
+    eval_params,
     fold_class_weights,
     make_predict_fn,
     make_train_step,
@@ -230,7 +231,7 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
                            predict_fn)
         manager.wait_until_finished()
         best = manager.best_step()
-        params, _ = checkpointing.restore_params(manager, best, state.params)
+        params, _ = checkpointing.restore_params(manager, best, eval_params(state))
     finally:
         manager.close()
     log.info("fold %d: evaluating the best checkpoint (epoch %d) on %d held-out subjects",
@@ -263,10 +264,11 @@ def run_epochs(config: config_lib.Config, state: TrainState, data: dict[str, lis
         state, train_metrics = train_epoch(train_step, state, data["train"], config, epoch, mesh)
         if config.data.sampling == "whole_volume" and wholescan_eval.segments(
                 config, data["val_volumes"]):
-            val = wholescan_eval.score_inner_val(predict_fn, state.params, data["val_volumes"],
-                                                 config, mesh)
+            val = wholescan_eval.score_inner_val(predict_fn, eval_params(state),
+                                                 data["val_volumes"], config, mesh)
         else:
-            val = fold_eval.score_inner_val(predict_fn, state.params, data["val"], config, mesh)
+            val = fold_eval.score_inner_val(predict_fn, eval_params(state), data["val"], config,
+                                            mesh)
         seconds.append(time.perf_counter() - began)
         record = epoch_record(epoch, state, train_metrics, val, seconds[-1])
         append_metrics(workdir, fold, record)

@@ -34,6 +34,20 @@ class TrainState:
     params: Any  # the model's flax "params" collection
     log_vars: jax.Array  # (2,) learned log-variances (seg, cls) when alpha is "auto", else unused
     opt_state: optax.OptState
+    ema_params: Any = None  # the parameters' moving average (train.ema_decay > 0), else None
+
+
+def eval_params(state: TrainState) -> Any:
+    """The parameters a state is evaluated and saved with: the moving average when kept."""
+    return state.params if state.ema_params is None else state.ema_params
+
+
+def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
+    """``ema * d + params * (1 - d)`` with ``d = min(decay, (1 + step) / (10 + step))``:
+    the warm-up keeps the first steps' average from being held at the initialisation
+    (``step``: the optimiser steps taken, counting this one)."""
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: e * d + p * (1.0 - d), ema, params)
 
 
 def create_learning_rate_fn(train_cfg: config_lib.TrainConfig,
@@ -82,7 +96,8 @@ def _trainable(state: TrainState) -> dict:
 
 def create_train_state(config: config_lib.Config, rng: jax.Array, mesh: Mesh,
                        steps_per_epoch: int) -> TrainState:
-    """He-initialised parameters, zero log-variances and a fresh Adam state, replicated on ``mesh``.
+    """He-initialised parameters, zero log-variances and a fresh Adam state (and the
+    parameters' moving average, starting at them, with ``train.ema_decay``), replicated on ``mesh``.
 
     Every host computes the same values from ``rng``; ``steps_per_epoch`` only sets the
     learning-rate schedule, which does not change the state's structure.
@@ -94,7 +109,8 @@ def create_train_state(config: config_lib.Config, rng: jax.Array, mesh: Mesh,
     def init(params: dict) -> TrainState:
         log_vars = jnp.zeros((2,), jnp.float32)
         opt_state = tx.init({"params": params, "log_vars": log_vars})
-        return TrainState(jnp.zeros((), jnp.int32), params, log_vars, opt_state)
+        ema = jax.tree.map(jnp.copy, params) if config.train.ema_decay > 0 else None
+        return TrainState(jnp.zeros((), jnp.int32), params, log_vars, opt_state, ema)
 
     # Host-side init (models.init_params): XLA's RNG compile took minutes on CPU.
     seed = zlib.crc32(np.asarray(jax.random.key_data(rng)).tobytes())
@@ -123,6 +139,7 @@ def make_loss_fn(config: config_lib.Config, class_weights: np.ndarray | None = N
 def make_train_step(config: config_lib.Config, mesh: Mesh, steps_per_epoch: int,
                     class_weights: np.ndarray | None = None) -> Callable:
     """A jitted ``(state, batch) -> (state, metrics)``; the state's buffers are donated.
+    With ``train.ema_decay`` the parameters' moving average is updated after each step.
 
     ``batch``: ``image``/``mask`` ``(B, S, S, S, 1)`` and ``label`` ``(B,)``, sharded along
     the batch. ``metrics``: ``loss``, the per-task losses and ``lr`` (the rate of this step).
@@ -136,8 +153,12 @@ def make_train_step(config: config_lib.Config, mesh: Mesh, steps_per_epoch: int,
         trainable = _trainable(state)
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, batch)
         trainable, opt_state = update(grads, state.opt_state, trainable, state.step)
-        new_state = state.replace(step=state.step + 1, params=trainable["params"],
-                                  log_vars=trainable["log_vars"], opt_state=opt_state)
+        step = state.step + 1
+        ema = (None if state.ema_params is None else
+               ema_update(state.ema_params, trainable["params"], config.train.ema_decay, step))
+        new_state = state.replace(step=step, params=trainable["params"],
+                                  log_vars=trainable["log_vars"], opt_state=opt_state,
+                                  ema_params=ema)
         return new_state, {**parts, "loss": loss, "lr": lr_fn(state.step)}
 
     return jax.jit(train_step, donate_argnums=0,

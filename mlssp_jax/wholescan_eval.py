@@ -55,7 +55,7 @@ def score_inner_val(predict_fn: ApplyFn, params: Any, volumes: list[dict],
     return {"val_dsc": seg["dsc"], "val_false_positive_ml": seg["false_positive_ml"],
             "val_postprocessing": run["rule"], "val_auc": cls and cls["auc"],
             "val_accuracy": cls and cls["accuracy"],
-            "val_score": fold_eval.selection_score(seg, cls)}
+            "val_score": fold_eval.selection_score(seg, cls, config.train.checkpoint_tasks)}
 
 
 def choose_postprocessing(config: config_lib.Config, predict_fn: ApplyFn, params: Any,

@@ -16,7 +16,8 @@ from mlssp_jax import config, models
 ROOT = Path(__file__).resolve().parent.parent
 # The tiny training config: a 2 mm grid (the tiny cohort's --small scans are 2-3 mm in-plane;
 # normal-size heads at 1 mm take ~9 s each to preprocess), VOI 16^3, width 4, global batch 4,
-# lr 1e-3, and the default
+# lr 1e-3, a moving average of the parameters (so the resume test covers its checkpoint),
+# and the default
 # conv_impl ("auto": on one CPU device oneDNN, on several the 2-D formulations, see
 # conv_ops.resolve_impl).
 TINY_CONFIG = """
@@ -32,6 +33,7 @@ learning_rate = 1e-3
 batch_size = 4
 epochs = 2
 workers = 0
+ema_decay = 0.9
 """
 
 

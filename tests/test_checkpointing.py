@@ -28,6 +28,7 @@ class State:
     params: Any
     log_vars: Any
     opt_state: Any
+    ema_params: Any = None
 
 
 def make_state(value: float, size: int = 6) -> State:
@@ -55,6 +56,24 @@ def test_keeps_latest_and_best_and_restores_exactly(tmp_path):
     assert meta == {"record": {"epoch": 4}}
     params, _ = checkpointing.restore_params(manager, 2, make_state(0.0).params)
     assert_trees_equal(params, make_state(2).params)
+    manager.close()
+
+
+def test_a_moving_average_is_saved_as_the_params_and_restored_beside_the_online_ones(tmp_path):
+    online = make_state(3.0)
+    state = online.replace(ema_params=make_state(2.0).params)
+    manager = checkpointing.open_manager(tmp_path / "ckpt")
+    checkpointing.save(manager, 1, state, {"record": {"epoch": 1}}, 0.5)
+    manager.wait_until_finished()
+    # what evaluation and predict read is the average
+    params, _ = checkpointing.restore_params(manager, 1, online.params)
+    assert_trees_equal(params, make_state(2.0).params)
+    # resuming gets both back, each in its place
+    like = make_state(0.0).replace(ema_params=make_state(0.0).params)
+    restored, _ = checkpointing.restore(manager, 1, like)
+    assert_trees_equal(restored.params, online.params)
+    assert_trees_equal(restored.ema_params, make_state(2.0).params)
+    assert_trees_equal(restored.opt_state, online.opt_state)
     manager.close()
 
 

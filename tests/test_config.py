@@ -54,6 +54,8 @@ def test_int_accepted_for_float():
     ({"augment": {"background_fraction": 1.0}}, "augment.background_fraction must be in [0, 1)"),
     ({"augment": {"background_fraction": -0.1}}, "augment.background_fraction must be in [0, 1)"),
     ({"train": {"auto_weight_lr": -1e-3}}, "train.auto_weight_lr must be >= 0"),
+    ({"train": {"ema_decay": 1.0}}, "train.ema_decay must be in [0, 1)"),
+    ({"train": {"checkpoint_tasks": "dsc"}}, "train.checkpoint_tasks must be one of"),
     ({"train": {"postprocess_select": "median"}}, "train.postprocess_select must be one of"),
     ({"train": {"log_var_min": 2.0, "log_var_max": 1.0}}, "train.log_var_min must be <"),
     ({"train": {"calibration_bins": 0}}, "train.calibration_bins must be >= 1"),

@@ -46,6 +46,12 @@ def test_selection_score_is_mean_of_dsc_and_auc_falling_back_to_accuracy():
     assert fold_eval.selection_score({"dsc": 0.4}, None) == 0.4
 
 
+def test_selection_score_on_segmentation_ignores_the_auc_unless_the_model_only_classifies():
+    seg, cls = {"dsc": 0.6}, {"auc": 1.0, "accuracy": 0.5}
+    assert fold_eval.selection_score(seg, cls, "segmentation") == 0.6
+    assert fold_eval.selection_score(None, cls, "segmentation") == 1.0
+
+
 def test_a_probability_at_the_threshold_is_positive_everywhere(tmp_path):
     """One rule, ``>= threshold``, for voxels, subjects and the saved predictions."""
     truth = np.zeros((4, 4, 4), bool)

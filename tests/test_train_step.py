@@ -49,6 +49,38 @@ def test_auto_weights_learn_at_their_own_rate_and_stay_bounded():
     assert history[-1, 1] == pytest.approx(np.log(np.log(2.0)), abs=0.1)
 
 
+def test_moving_average_warms_up_then_uses_its_decay():
+    ema, params = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
+    first = train_step.ema_update(ema, params, 0.99, jnp.int32(1))  # d = 2 / 11
+    np.testing.assert_allclose(first["w"], 1 - 2 / 11, rtol=1e-6)
+    late = train_step.ema_update(ema, params, 0.99, jnp.int32(10_000))  # d = 0.99
+    np.testing.assert_allclose(late["w"], 0.01, rtol=1e-4)
+
+
+def test_train_step_keeps_a_moving_average_only_when_configured():
+    from mlssp_jax import parallel
+
+    base = {"data": {"voi_size": 16}, "model": {"width": 4, "dense_units": 8},
+            "train": {"batch_size": 2, "learning_rate": 1e-2}}
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.random((2, 16, 16, 16, 1), dtype=np.float32),
+             "mask": (rng.random((2, 16, 16, 16, 1)) > 0.7).astype(np.float32),
+             "label": np.array([0, 1], np.float32)}
+    mesh = parallel.make_mesh()
+    off = config_lib.from_dict(base)
+    assert train_step.create_train_state(off, jax.random.key(0), mesh, 1).ema_params is None
+    on = config_lib.from_dict({**base, "train": {**base["train"], "ema_decay": 0.5}})
+    state = train_step.create_train_state(on, jax.random.key(0), mesh, 1)
+    init = np.asarray(state.params["stem"]["conv0"]["kernel"])
+    step = train_step.make_train_step(on, mesh, 1)
+    state, _ = step(state, parallel.shard_batch(batch, mesh))
+    online = np.asarray(state.params["stem"]["conv0"]["kernel"])
+    averaged = np.asarray(train_step.eval_params(state)["stem"]["conv0"]["kernel"])
+    d = 2 / 11  # the warm-up's decay at step 1
+    assert np.abs(online - init).max() > 1e-3
+    np.testing.assert_allclose(averaged, d * init + (1 - d) * online, rtol=1e-5, atol=1e-7)
+
+
 def test_fold_class_weights_only_when_configured():
     examples = [{"label": np.float32(v)} for v in (1, 0, 0, 0)]
     off = config_lib.Config()
