@@ -97,7 +97,7 @@ def figure_roc(runs: Sequence[Run]) -> Figure:
     AUC and its bootstrap 95% CI in the legend: the paper's VOI on the true lesion (left),
     the whole-scan pipeline (right; the descriptor classifiers dashed)."""
     whole = [r for r in runs if cls_block(r, "whole") or cls_block(r, "descriptors")]
-    fig = Figure(figsize=(5.0 * (1 + bool(whole)), 5.0))
+    fig = Figure(figsize=(5.0 * (1 + bool(whole)), 6.5), layout="constrained")
     axes = fig.subplots(1, 1 + bool(whole), squeeze=False)[0]
     for index, run in enumerate(runs):
         if cls_block(run, "voi"):
@@ -119,7 +119,8 @@ def figure_roc(runs: Sequence[Run]) -> Figure:
         ax.plot([0, 1], [0, 1], ls=":", color="grey")
         ax.set_xlabel("1 - specificity")
         ax.set_ylabel("sensitivity")
-        ax.legend(loc="lower right", fontsize=7)  # ROC curves keep to the upper left
+        # under the panel: a chance-level curve crosses the lower right, where legends sit
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=7)
     return fig
 
 
