@@ -97,8 +97,10 @@ def _pending(workdir: Path, cfg: config_lib.Config) -> dict[int, dict]:
             and e["whole_scan"].get(BLOCK) is None}
 
 
-def _fold_volumes(cfg: config_lib.Config, workdir: Path) -> tuple[dict, list[dict], dict]:
-    """The run's preprocessed cohort (``{id: npz}``), saved folds and ``{id: label}``."""
+def _fold_volumes(cfg: config_lib.Config, workdir: Path
+                  ) -> tuple[dict, list[dict], dict, dict]:
+    """The run's preprocessed cohort (``{id: npz}``), saved folds, ``{id: label}`` and
+    ``{id: mask on the scan's own grid}``."""
     manifest_path = preprocess.resolve_data(cfg.data)
     subjects = manifest.read_manifest(manifest_path, require_masks=True)
     ids, labels = [s.subject_id for s in subjects], [s.label for s in subjects]
@@ -108,7 +110,7 @@ def _fold_volumes(cfg: config_lib.Config, workdir: Path) -> tuple[dict, list[dic
         raise InputError(f"{workdir / splits.SPLITS_FILE}: no such file (not a trained run?)")
     paths = preprocess.cached_cohort(manifest_path, cfg.data, max(t.workers, 1),
                                      subjects=subjects)
-    return paths, folds, dict(zip(ids, labels, strict=True))
+    return paths, folds, dict(zip(ids, labels, strict=True)), manifest.native_masks(subjects)
 
 
 def add_to_run(workdir: str | Path) -> list[int]:
@@ -124,7 +126,7 @@ def add_to_run(workdir: str | Path) -> list[int]:
     if not pending:
         log.info("%s: every finished fold has its descriptor classification", workdir)
         return []
-    paths, folds, label_of = _fold_volumes(cfg, workdir)
+    paths, folds, label_of, native = _fold_volumes(cfg, workdir)
     mesh = parallel.make_mesh()
     predict_fn = make_predict_fn(cfg, mesh)
     done = {}  # fold -> (classifier, eval record): written only once every fold succeeded
@@ -135,7 +137,7 @@ def add_to_run(workdir: str | Path) -> list[int]:
         model = fit_fold(cfg, fitted, workdir, fold, save=False)
         params, _ = checkpointing.restore_best_params(workdir, fold)
         rule = postprocess.load(rundir.fold_dir(workdir, fold))
-        volumes = patches.load_volumes(paths, split["test"], label_of)
+        volumes = patches.load_volumes(paths, split["test"], label_of, native)
         whole = wholescan_eval.held_out(cfg, predict_fn, params, volumes, rule, mesh, model)
         _check_same_segmentation(record["whole_scan"], whole, workdir, fold)
         record["whole_scan"][BLOCK] = whole[BLOCK]

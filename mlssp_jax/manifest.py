@@ -13,6 +13,7 @@ import io
 import logging
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,12 @@ class Subject:
     image: Path
     mask: Path | None
     label: int | None
+
+
+def native_masks(subjects: Sequence[Subject]) -> dict[str, Path]:
+    """``{subject_id: mask path}`` of the subjects with a mask: each lesion mask on its scan's
+    own grid, for whole-scan metrics in the scan's own space."""
+    return {s.subject_id: s.mask for s in subjects if s.mask is not None}
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict[str, str]]]:

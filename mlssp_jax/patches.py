@@ -30,14 +30,15 @@ def _flat(mask: np.ndarray) -> np.ndarray:
     return np.flatnonzero(mask).astype(np.int32)
 
 
-def load_volumes(paths: Mapping[str, Path], ids: Sequence[str],
-                 labels: Mapping[str, int]) -> list[dict[str, Any]]:
+def load_volumes(paths: Mapping[str, Path], ids: Sequence[str], labels: Mapping[str, int],
+                 native_masks: Mapping[str, Path] | None = None) -> list[dict[str, Any]]:
     """Whole preprocessed volumes of ``ids`` for patch sampling and whole-scan evaluation.
 
     Each: ``subject_id``, ``label`` float32, ``hu`` float16 (I, J, K) skull-stripped HU,
     ``image`` float32 (I, J, K) windowed, ``brain`` and ``mask`` uint8 (I, J, K), ``affine``
     (4, 4), ``lesion_voxels`` and ``brain_voxels`` (flat int32 indices; every voxel if the
-    brain mask is empty), ``spacing_mm`` (the grid's voxel size).
+    brain mask is empty), ``spacing_mm`` (the grid's voxel size) and ``native_mask_path``
+    (the subject's mask on its scan's own grid, from ``native_masks``; None if not given).
     """
     out = []
     for subject_id in ids:
@@ -47,7 +48,8 @@ def load_volumes(paths: Mapping[str, Path], ids: Sequence[str],
         out.append({"subject_id": subject_id, "label": np.float32(labels[subject_id]),
                     **arrays, "lesion_voxels": _flat(arrays["mask"]),
                     "brain_voxels": _flat(brain if brain.any() else np.ones_like(brain)),
-                    "spacing_mm": float(np.linalg.norm(arrays["affine"][:3, 0]))})
+                    "spacing_mm": float(np.linalg.norm(arrays["affine"][:3, 0])),
+                    "native_mask_path": (native_masks or {}).get(subject_id)})
     log.info("loaded %d whole volumes", len(out))
     return out
 

@@ -266,10 +266,11 @@ def _median(task: dict | None, key: str) -> str:
 
 def table_protocols(runs: Sequence[Run]) -> list[str]:
     """Each run by both protocols, whole scan first: what a user gets on a new scan (sliding
-    windows, the run's post-processing) beside the paper's VOI centred on the true lesion."""
+    windows, the run's post-processing; "scan grid": its mask resampled to the scan's own
+    grid, as predict writes it) beside the paper's VOI centred on the true lesion."""
     header = ["run", "model", "alpha", "whole DSC", "whole HD95 mm", "whole abs volume error mL "
               "(median)", "whole false positive mL (median)", "whole detected", "whole AUC",
-              "VOI DSC", "VOI AUC"]
+              "scan-grid DSC", "scan-grid abs volume error mL (median)", "VOI DSC", "VOI AUC"]
     rows = []
     for run in runs:
         whole = run.summary.get("whole_scan") or {}
@@ -278,7 +279,9 @@ def table_protocols(runs: Sequence[Run]) -> list[str]:
                      _cell(wseg, "dsc"), _cell(wseg, "hd95_mm"),
                      f"{_cell(wseg, 'volume_error_ml')} ({_median(wseg, 'volume_error_ml')})",
                      f"{_cell(wseg, 'false_positive_ml')} ({_median(wseg, 'false_positive_ml')})",
-                     _cell(wseg, "detected"), _cell(wcls, "auc"),
+                     _cell(wseg, "detected"), _cell(wcls, "auc"), _cell(wseg, "dsc_native"),
+                     f"{_cell(wseg, 'volume_error_native_ml')} "
+                     f"({_median(wseg, 'volume_error_native_ml')})",
                      _cell(run.summary["segmentation"], "dsc"),
                      _cell(run.summary["classification"], "auc")])
     return markdown_table(header, rows)

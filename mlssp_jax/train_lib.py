@@ -128,7 +128,8 @@ def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[
     if whole:
         data["train"] = patches.load_volumes(paths, split["train"], label_of)
     data["val_volumes"] = patches.load_volumes(paths, split["val"], label_of)
-    data["test_volumes"] = patches.load_volumes(paths, split["test"], label_of)
+    data["test_volumes"] = patches.load_volumes(paths, split["test"], label_of,
+                                                manifest.native_masks(subjects))
     data["training_subjects"] = [{"subject_id": s, "label": label_of[s], "path": paths[s]}
                                  for s in split["train"] + split["val"]]
     return data

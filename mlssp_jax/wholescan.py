@@ -5,7 +5,10 @@ preprocessed volume (:func:`inference.sliding_window_predict`), ``prob > thresho
 run's post-processing (:mod:`mlssp_jax.postprocess`, always inside the brain), then
 :func:`subject_metrics` on the preprocessed grid: DSC, HD95 (mm), absolute volume error (mL),
 false-positive volume (mL of predicted voxels more than ``FP_DISTANCE_MM`` from the true
-lesion) and ``detected`` (a predicted voxel, hence a component, overlaps the lesion). The
+lesion) and ``detected`` (a predicted voxel, hence a component, overlaps the lesion); and,
+where the volume names its mask on the scan's own grid (``native_mask_path``), ``dsc_native``
+and ``volume_error_native_ml`` in that space, the mask resampled there as ``predict`` writes
+it (:func:`native_metrics`: what a user's mask would score against the reference mask). The
 classification comes from the VOI centred on the largest predicted lesion
 (:func:`inference.classify`), which the pipeline finds itself; if asked, the lesion
 descriptors of the largest post-processed component too (:mod:`mlssp_jax.descriptors`, for
@@ -21,10 +24,12 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from mlssp_jax import descriptors, inference, metrics, postprocess
+from mlssp_jax import descriptors, inference, metrics, nifti, postprocess
 
 FP_DISTANCE_MM = 10.0  # SPEC.md: predicted voxels farther than this from the lesion are false
-SEG_KEYS = ("dsc", "hd95_mm", "volume_error_ml", "false_positive_ml", "detected")
+SEG_KEYS = ("dsc", "hd95_mm", "volume_error_ml", "false_positive_ml", "detected",
+            "dsc_native", "volume_error_native_ml")
+NO_NATIVE = {"dsc_native": None, "volume_error_native_ml": None}
 
 
 def segment(image: np.ndarray, brain: np.ndarray, predict_fn: inference.PredictFn, window: int,
@@ -59,6 +64,26 @@ def subject_metrics(pred: np.ndarray, truth: np.ndarray, spacing_mm: float) -> d
             "volume_error_ml": seg["volume_error_ml"],
             "false_positive_ml": false_positive_ml(pred, truth, spacing_mm),
             "detected": bool(np.any(np.asarray(pred, bool) & np.asarray(truth, bool)))}
+
+
+def native_metrics(volume: dict, prob: np.ndarray, mask: np.ndarray,
+                   threshold: float) -> dict[str, float | None]:
+    """``dsc_native`` and ``volume_error_native_ml`` (absolute, mL) of one volume in its scan's
+    own space: ``prob`` (D, H, W) with the components post-processing removed set to 0 (as
+    ``predict`` does), trilinearly resampled onto the grid of ``volume["native_mask_path"]``
+    and thresholded at ``threshold`` (:func:`inference.resample_mask`), against that mask
+    (> 0.5). :data:`NO_NATIVE` (None values) if the volume names no such mask."""
+    path = volume.get("native_mask_path")
+    if path is None:
+        return dict(NO_NATIVE)
+    native = nifti.read_volume(path)
+    truth = native.data > 0.5
+    kept = np.where(metrics.binarize(prob, threshold) & ~mask, 0.0, prob)
+    pred = inference.resample_mask(kept, volume["affine"], native.affine, truth.shape,
+                                   threshold).astype(bool)
+    error = abs(int(np.count_nonzero(pred)) - int(np.count_nonzero(truth)))
+    return {"dsc_native": dsc(pred, truth),
+            "volume_error_native_ml": error * native.voxel_volume_ml}
 
 
 def voxel_ml(spacing_mm: float) -> float:
@@ -135,12 +160,13 @@ def evaluate(volumes: Sequence[dict], probs: Sequence[np.ndarray], predict_fn, r
     per_subject, cls_rows = [], []
     for volume, prob in zip(volumes, probs, strict=True):
         mask = postprocessed(volume, prob, rule, threshold)
+        threshold_used = postprocess.threshold_of(rule, threshold)
         per_subject.append({"subject_id": volume["subject_id"],
-                            **subject_metrics(mask, volume["mask"], volume["spacing_mm"])})
+                            **subject_metrics(mask, volume["mask"], volume["spacing_mm"]),
+                            **native_metrics(volume, prob, mask, threshold_used)})
         cls_rows.append({"subject_id": volume["subject_id"], "label": int(volume["label"]),
                          "cls_prob": classify(volume, prob, mask, predict_fn, window,
-                                              postprocess.threshold_of(rule, threshold),
-                                              batch_size)})
+                                              threshold_used, batch_size)})
         if describe is not None:
             cls_rows[-1]["descriptors"] = describe(mask, volume)
     return segmentation_block(per_subject), cls_rows

@@ -123,6 +123,7 @@ def summary(whole: dict | None) -> str:
     seg, cls = whole.get("segmentation"), whole.get("classification")
     described = whole.get("descriptor_classification")
     fmt = fold_eval.format_metric
-    return (f"whole scan DSC {fmt(seg and seg['dsc'])}, false positive "
+    return (f"whole scan DSC {fmt(seg and seg['dsc'])} (scan grid "
+            f"{fmt(seg and seg.get('dsc_native'))}), false positive "
             f"{fmt(seg and seg['false_positive_ml'])} mL, AUC {fmt(cls and cls['auc'])}"
             + (f", descriptor AUC {fmt(described['auc'])}" if described else ""))

@@ -79,3 +79,40 @@ def test_post_processing_is_chosen_on_validation_and_removes_a_distant_blob():
     scores = {s["rule"]["name"]: s["score"] for s in run["scored"]}
     assert run["rule"]["name"] in ("largest", "min_ml") and scores["none"] < scores["largest"]
     assert run["segmentation"]["dsc"] == pytest.approx(scores["largest"])
+
+
+def _with_native_mask(volume, tmp_path):
+    """``volume`` (2 mm voxels, index i at 2i mm) and its lesion on a 1 mm scan grid (index j
+    at j + 0.5 mm): the 2 mm lesion voxels 8..11 cover 15-23 mm, native voxels 15..22."""
+    from mlssp_jax import nifti
+    volume = {**volume, "affine": np.diag([2.0, 2.0, 2.0, 1.0])}
+    native = np.zeros((48, 56, 40), np.uint8)
+    native[15:23, 19:27, 11:19] = 1
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = 0.5
+    path = tmp_path / "mask.nii.gz"
+    nifti.save(path, native, affine)
+    return {**volume, "native_mask_path": path}
+
+
+def test_native_metrics_score_the_mask_on_the_scans_own_grid(tmp_path):
+    volume = _with_native_mask(_volume(), tmp_path)
+
+    def lesion_and_blob(x):
+        out = (x > 0.5) * 1.0
+        out[:, 12:14, 12:14, 12:14] = 1.0  # removed by the rule below, so not in the mask
+        return out
+    perfect = wholescan.run([volume], _fake(lesion_and_blob), _cfg(), 0.5,
+                            rule={"name": "largest"})
+    row = perfect["segmentation"]["per_subject"][0]
+    # trilinear values at the cube's 8 corner voxels are 0.75^3 < 0.5: those alone are lost
+    assert row["dsc_native"] == pytest.approx(2 * 504 / (504 + 512))
+    assert row["volume_error_native_ml"] == pytest.approx(8 / 1000)
+    painted = wholescan.run([volume], _fake(lambda x: (x > 0.1) * 1.0), _cfg(), 0.5,
+                            rule={"name": "none"})
+    row = painted["segmentation"]["per_subject"][0]
+    assert row["dsc_native"] < 0.1 and row["volume_error_native_ml"] > 10 * 0.512
+    no_native = wholescan.run([_volume()], _fake(lesion_and_blob), _cfg(), 0.5,
+                              rule={"name": "largest"})
+    seg = no_native["segmentation"]
+    assert seg["per_subject"][0]["dsc_native"] is None and seg["dsc_native"] is None
