@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
-MEDIAN_KEYS = ("false_positive_ml", "volume_error_ml", "volume_error_native_ml")  # whole scan: typical, not mean
+# whole scan: the typical subject, not the mean
+MEDIAN_KEYS = ("false_positive_ml", "volume_error_ml", "volume_error_native_ml")
 DESCRIPTOR_BLOCK = "descriptor_classification"  # = descriptor_eval.BLOCK (imported on demand)
 
 
