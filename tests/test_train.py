@@ -53,7 +53,8 @@ def test_trains_one_fold_and_writes_every_output(tiny_run):
     assert "voi_size = 16" in (tiny_run / "config.toml").read_text()
 
 
-WHOLE_SEG_KEYS = {"dsc", "hd95_mm", "volume_error_ml", "false_positive_ml", "detected"}
+WHOLE_SEG_KEYS = {"dsc", "hd95_mm", "volume_error_ml", "false_positive_ml", "detected",
+                  "dsc_native", "volume_error_native_ml"}
 
 
 def test_whole_scan_block_and_post_processing_of_a_run(tiny_run):
@@ -63,6 +64,9 @@ def test_whole_scan_block_and_post_processing_of_a_run(tiny_run):
     assert set(whole["segmentation"]) == WHOLE_SEG_KEYS | {"per_subject"}
     assert [s["subject_id"] for s in whole["segmentation"]["per_subject"]] == test_ids
     assert all(s["false_positive_ml"] >= 0 for s in whole["segmentation"]["per_subject"])
+    # scored on each scan's own grid too: the manifest names every mask
+    assert all(0 <= s["dsc_native"] <= 1 and s["volume_error_native_ml"] >= 0
+               for s in whole["segmentation"]["per_subject"])
     assert [s["subject_id"] for s in whole["classification"]["per_subject"]] == test_ids
     chosen = json.loads((fold / "postprocessing.json").read_text())
     assert chosen["rule"]["name"] in ("none", "largest", "min_ml")
