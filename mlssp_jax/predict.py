@@ -145,7 +145,7 @@ def predict_scan(image: nifti.Volume, model: ensemble.Ensemble | inference.Predi
     found = metrics.binarize(prob, threshold)  # post-processing (None: brain only)
     kept = postprocess.apply(found, pre["brain"], rule, wholescan.voxel_ml(cfg.data.spacing_mm),
                              hu=pre["hu"])
-    prob = np.where(found & ~kept, 0.0, prob)  # removed components become background
+    prob = wholescan.kept_probability(prob, kept, threshold)
     clock.lap("windows")
     avm_probability, centre = inference.classify(pre["image"], prob, voi_fn, cfg.data.voi_size,
                                                  threshold)

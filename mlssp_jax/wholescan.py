@@ -66,6 +66,13 @@ def subject_metrics(pred: np.ndarray, truth: np.ndarray, spacing_mm: float) -> d
             "detected": bool(np.any(np.asarray(pred, bool) & np.asarray(truth, bool)))}
 
 
+def kept_probability(prob: np.ndarray, kept: np.ndarray, threshold: float) -> np.ndarray:
+    """``prob`` (D, H, W) with the voxels at or above ``threshold`` that post-processing did
+    not keep (outside the bool mask ``kept``) set to 0: removed components become background,
+    so resampling it cannot bring them back."""
+    return np.where(metrics.binarize(prob, threshold) & ~kept, 0.0, prob)
+
+
 def native_metrics(volume: dict, prob: np.ndarray, mask: np.ndarray,
                    threshold: float) -> dict[str, float | None]:
     """``dsc_native`` and ``volume_error_native_ml`` (absolute, mL) of one volume in its scan's
@@ -78,9 +85,8 @@ def native_metrics(volume: dict, prob: np.ndarray, mask: np.ndarray,
         return dict(NO_NATIVE)
     native = nifti.read_volume(path)
     truth = native.data > 0.5
-    kept = np.where(metrics.binarize(prob, threshold) & ~mask, 0.0, prob)
-    pred = inference.resample_mask(kept, volume["affine"], native.affine, truth.shape,
-                                   threshold).astype(bool)
+    pred = inference.resample_mask(kept_probability(prob, mask, threshold), volume["affine"],
+                                   native.affine, truth.shape, threshold).astype(bool)
     error = abs(int(np.count_nonzero(pred)) - int(np.count_nonzero(truth)))
     return {"dsc_native": dsc(pred, truth),
             "volume_error_native_ml": error * native.voxel_volume_ml}
