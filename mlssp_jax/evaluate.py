@@ -8,8 +8,9 @@ metric keys and ``per_subject`` lists) plus ``ci95`` per task, ``folds``, ``miss
 ``n_subjects`` and the bootstrap settings. Each classification block also has the pooled
 calibration, ``brier`` and ``ece`` (``train.calibration_bins`` bins), with CIs. ``whole_scan``
 pools eval.json's whole-scan blocks the same way (its segmentation also gives the medians of
-``MEDIAN_KEYS``; ``descriptor_classification``, the descriptor classifier on the pipeline's
-own lesion, is pooled as ``classification``); null if no fold has one.
+``MEDIAN_KEYS`` and ``median_signed_volume_error_native_ml``, predicted minus true on the
+scans' grids; ``descriptor_classification``, the descriptor classifier on the pipeline's own
+lesion, is pooled as ``classification``); null if no fold has one.
 
 ``--descriptors`` first adds the descriptor classifier to the folds of a run trained without
 it (:func:`mlssp_jax.descriptor_eval.add_to_run`: refits it per fold, predicts the held-out
@@ -128,6 +129,15 @@ def summarize(workdir: str | Path, n_resamples: int = DEFAULT_RESAMPLES,
             "whole_scan": pool_whole_scan(ordered, cfg.train.threshold, n_resamples, seed, bins)}
 
 
+def median_signed_error(per_subject: Sequence[dict]) -> float | None:
+    """Median over subjects of predicted minus true mL on the scans' own grids (> 0: masks
+    too large); None if no subject has both volumes (no native masks, or an older run)."""
+    errors = [row["volume_native_ml"] - row["true_volume_native_ml"] for row in per_subject
+              if row.get("volume_native_ml") is not None
+              and row.get("true_volume_native_ml") is not None]
+    return float(np.median(errors)) if errors else None
+
+
 def pool_whole_scan(evals: Sequence[dict], threshold: float, n_resamples: int,
                     seed: int, n_bins: int = 10) -> dict | None:
     """eval.json's ``whole_scan`` blocks pooled as the VOI protocol's, plus ``median_<key>``
@@ -141,6 +151,7 @@ def pool_whole_scan(evals: Sequence[dict], threshold: float, n_resamples: int,
         for key in MEDIAN_KEYS:
             values = [row[key] for row in seg["per_subject"] if row.get(key) is not None]
             seg[f"median_{key}"] = float(np.median(values)) if values else None
+        seg["median_signed_volume_error_native_ml"] = median_signed_error(seg["per_subject"])
     return {"segmentation": seg,
             "classification": pool_classification(blocks, threshold, n_resamples, seed, n_bins),
             DESCRIPTOR_BLOCK: pool_classification(blocks, threshold, n_resamples, seed, n_bins,

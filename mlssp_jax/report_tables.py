@@ -264,13 +264,20 @@ def _median(task: dict | None, key: str) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _signed_median(task: dict | None) -> str:
+    """``; signed +x.xx`` (the median predicted minus true mL on the scans' grids), or ''."""
+    value = task and task.get("median_signed_volume_error_native_ml")
+    return "" if value is None else f"; signed {value:+.2f}"
+
+
 def table_protocols(runs: Sequence[Run]) -> list[str]:
     """Each run by both protocols, whole scan first: what a user gets on a new scan (sliding
     windows, the run's post-processing; "scan grid": its mask resampled to the scan's own
     grid, as predict writes it) beside the paper's VOI centred on the true lesion."""
     header = ["run", "model", "alpha", "whole DSC", "whole HD95 mm", "whole abs volume error mL "
               "(median)", "whole false positive mL (median)", "whole detected", "whole AUC",
-              "scan-grid DSC", "scan-grid abs volume error mL (median)", "VOI DSC", "VOI AUC"]
+              "scan-grid DSC", "scan-grid abs volume error mL (median; signed median)",
+              "VOI DSC", "VOI AUC"]
     rows = []
     for run in runs:
         whole = run.summary.get("whole_scan") or {}
@@ -281,7 +288,7 @@ def table_protocols(runs: Sequence[Run]) -> list[str]:
                      f"{_cell(wseg, 'false_positive_ml')} ({_median(wseg, 'false_positive_ml')})",
                      _cell(wseg, "detected"), _cell(wcls, "auc"), _cell(wseg, "dsc_native"),
                      f"{_cell(wseg, 'volume_error_native_ml')} "
-                     f"({_median(wseg, 'volume_error_native_ml')})",
+                     f"({_median(wseg, 'volume_error_native_ml')}{_signed_median(wseg)})",
                      _cell(run.summary["segmentation"], "dsc"),
                      _cell(run.summary["classification"], "auc")])
     return markdown_table(header, rows)

@@ -6,8 +6,9 @@ run's post-processing (:mod:`mlssp_jax.postprocess`, always inside the brain), t
 :func:`subject_metrics` on the preprocessed grid: DSC, HD95 (mm), absolute volume error (mL),
 false-positive volume (mL of predicted voxels more than ``FP_DISTANCE_MM`` from the true
 lesion) and ``detected`` (a predicted voxel, hence a component, overlaps the lesion); and,
-where the volume names its mask on the scan's own grid (``native_mask_path``), ``dsc_native``
-and ``volume_error_native_ml`` in that space, the mask resampled there as ``predict`` writes
+where the volume names its mask on the scan's own grid (``native_mask_path``), ``dsc_native``,
+``volume_error_native_ml`` and both volumes (``volume_native_ml``, what ``predict`` reports,
+and ``true_volume_native_ml``) in that space, the mask resampled there as ``predict`` writes
 it (:func:`native_metrics`: what a user's mask would score against the reference mask). The
 classification comes from the VOI centred on the largest predicted lesion
 (:func:`inference.classify`), which the pipeline finds itself; if asked, the lesion
@@ -29,7 +30,8 @@ from mlssp_jax import descriptors, inference, metrics, nifti, postprocess
 FP_DISTANCE_MM = 10.0  # SPEC.md: predicted voxels farther than this from the lesion are false
 SEG_KEYS = ("dsc", "hd95_mm", "volume_error_ml", "false_positive_ml", "detected",
             "dsc_native", "volume_error_native_ml")
-NO_NATIVE = {"dsc_native": None, "volume_error_native_ml": None}
+NO_NATIVE = {"dsc_native": None, "volume_error_native_ml": None, "volume_native_ml": None,
+             "true_volume_native_ml": None}
 
 
 def segment(image: np.ndarray, brain: np.ndarray, predict_fn: inference.PredictFn, window: int,
@@ -75,7 +77,8 @@ def kept_probability(prob: np.ndarray, kept: np.ndarray, threshold: float) -> np
 
 def native_metrics(volume: dict, prob: np.ndarray, mask: np.ndarray,
                    threshold: float) -> dict[str, float | None]:
-    """``dsc_native`` and ``volume_error_native_ml`` (absolute, mL) of one volume in its scan's
+    """``dsc_native``, ``volume_error_native_ml`` (absolute, mL), ``volume_native_ml`` (the
+    mask's, as ``predict`` reports it) and ``true_volume_native_ml`` of one volume in its scan's
     own space: ``prob`` (D, H, W) with the components post-processing removed set to 0 (as
     ``predict`` does), trilinearly resampled onto the grid of ``volume["native_mask_path"]``
     and thresholded at ``threshold`` (:func:`inference.resample_mask`), against that mask
@@ -87,9 +90,11 @@ def native_metrics(volume: dict, prob: np.ndarray, mask: np.ndarray,
     truth = native.data > 0.5
     pred = inference.resample_mask(kept_probability(prob, mask, threshold), volume["affine"],
                                    native.affine, truth.shape, threshold).astype(bool)
-    error = abs(int(np.count_nonzero(pred)) - int(np.count_nonzero(truth)))
+    n_pred, n_truth = int(np.count_nonzero(pred)), int(np.count_nonzero(truth))
     return {"dsc_native": dsc(pred, truth),
-            "volume_error_native_ml": error * native.voxel_volume_ml}
+            "volume_error_native_ml": abs(n_pred - n_truth) * native.voxel_volume_ml,
+            "volume_native_ml": n_pred * native.voxel_volume_ml,
+            "true_volume_native_ml": n_truth * native.voxel_volume_ml}
 
 
 def voxel_ml(spacing_mm: float) -> float:

@@ -116,3 +116,13 @@ def test_pools_the_whole_scan_protocol_with_medians(tmp_path):
     assert seg["median_volume_error_ml"] == pytest.approx(
         np.median([r["volume_error_ml"] for r in rows]))
     assert summary["whole_scan"]["classification"]["auc"] == summary["classification"]["auc"]
+
+
+def test_median_signed_volume_error_shows_the_bias_direction():
+    rows = [{"volume_native_ml": p, "true_volume_native_ml": t}
+            for p, t in ((9.0, 10.0), (4.0, 6.5), (21.0, 20.0))]
+    # absolute errors 1, 2.5, 1 hide that two of three masks come out small
+    assert evaluate.median_signed_error(rows) == pytest.approx(-1.0)
+    older = [{"volume_error_native_ml": 1.0}, {"volume_native_ml": None,
+                                              "true_volume_native_ml": 2.0}]
+    assert evaluate.median_signed_error(older) is None

@@ -10,7 +10,7 @@ import pytest
 from helpers import write_fake_run
 from matplotlib import image as mpimg
 
-from mlssp_jax import evaluate, metrics, report
+from mlssp_jax import evaluate, metrics, report, report_tables
 from mlssp_jax.cli import run_command
 
 ALPHA_SKILL = {0.3: 0.6, 0.4: 0.7, 0.5: 0.95, 0.6: 0.65, 0.7: 0.5}  # 0.5 is best
@@ -219,3 +219,19 @@ def test_both_protocols_side_by_side_whole_scan_first(experiment):
     row = next(line for line in table if line.startswith(f"| {dirs[0].name} |"))
     assert f"{whole['dsc']:.3f} [" in row and f"({whole['median_false_positive_ml']:.2f})" in row
     assert f"{_summary(dirs[0])['segmentation']['dsc']:.3f} [" in row
+
+
+def test_protocol_table_shows_the_signed_median_volume_error_on_the_scans_grids(tmp_path):
+    whole = {"dsc_native": 0.9, "volume_error_native_ml": 2.0,
+             "median_volume_error_native_ml": 1.5,
+             "median_signed_volume_error_native_ml": -0.75, "ci95": {}}
+    run = report_tables.Run(tmp_path / "r", "mlssp", 0.4,
+                            {"whole_scan": {"segmentation": whole, "classification": None},
+                             "segmentation": None, "classification": None})
+    table = report_tables.table_protocols([run])
+    assert "(1.50; signed -0.75)" in table[-1]
+    older = report_tables.Run(tmp_path / "o", "mlssp", 0.4,
+                              {"whole_scan": {"segmentation": {
+                                  "median_volume_error_native_ml": 1.5, "ci95": {}}},
+                               "segmentation": None, "classification": None})
+    assert "(1.50)" in report_tables.table_protocols([older])[-1]

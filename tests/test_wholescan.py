@@ -108,6 +108,8 @@ def test_native_metrics_score_the_mask_on_the_scans_own_grid(tmp_path):
     # trilinear values at the cube's 8 corner voxels are 0.75^3 < 0.5: those alone are lost
     assert row["dsc_native"] == pytest.approx(2 * 504 / (504 + 512))
     assert row["volume_error_native_ml"] == pytest.approx(8 / 1000)
+    assert row["volume_native_ml"] == pytest.approx(504 / 1000)  # 1 mm voxels
+    assert row["true_volume_native_ml"] == pytest.approx(512 / 1000)
     painted = wholescan.run([volume], _fake(lambda x: (x > 0.1) * 1.0), _cfg(), 0.5,
                             rule={"name": "none"})
     row = painted["segmentation"]["per_subject"][0]
@@ -116,3 +118,4 @@ def test_native_metrics_score_the_mask_on_the_scans_own_grid(tmp_path):
                               rule={"name": "largest"})
     seg = no_native["segmentation"]
     assert seg["per_subject"][0]["dsc_native"] is None and seg["dsc_native"] is None
+    assert seg["per_subject"][0]["volume_native_ml"] is None
