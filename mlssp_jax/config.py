@@ -130,13 +130,6 @@ class ModelConfig:
     segmentation probability, dilated by ``cls_rim_voxels`` voxels of the pooled map to
     include the lesion's rim; see :mod:`mlssp_jax.models`). A model without a segmentation
     branch (``cnn``) pools globally whatever this says.
-
-    ``cls_norm``: layer-normalise the pooled features before the dense layers (beyond the
-    paper, which has no normalisation). The network has no normalisation layers, so the scale
-    of the features a branch point hands the classifier is whatever training left there: off
-    the U-Net's bottom (``ynet``) it is ~100x smaller than off the stem, the logits stay within
-    +-0.02 and the classifier answers one class for every scan. Normalised, every branch
-    point feeds the dense layers features of unit scale.
     """
 
     name: str = "mlssp"
@@ -148,7 +141,6 @@ class ModelConfig:
     conv_impl: str = "auto"
     cls_pooling: str = "global"
     cls_rim_voxels: int = 2
-    cls_norm: bool = False
 
 
 @dataclass(frozen=True)

@@ -144,9 +144,6 @@ class UNet(nn.Module):
         return logits, taps
 
 
-# the layer norm's variance floor: flax's 1e-6 is the variance of the features a deep branch
-# point gives at initialisation (~1e-3 in scale), so it would cap their normalised scale
-NORM_EPSILON = 1e-9
 POOL_FLOOR = 1e-3  # lesion pooling: uniform weight added everywhere (no lesion -> global mean)
 
 
@@ -179,10 +176,7 @@ class ClassifierHead(nn.Module):
     (B, D, H, W, C) -> (B,) logits in the compute dtype. Pooling is 'SAME' (ceil), so even
     a 1^3 input (the bottom of a 16^3 volume) works. Without ``seg_prob`` the features are
     globally averaged (the paper's, (B, 4w)); with ``seg_prob`` (B, S, S, S, 1) they are
-    pooled over the lesion and its rim (:func:`lesion_rim_pool`, (B, 8w)). With ``norm`` the
-    pooled features are layer-normalised (zero mean, unit variance per sample, then a learned
-    scale and offset), so the dense layers see features of the same scale whatever depth
-    the head reads.
+    pooled over the lesion and its rim (:func:`lesion_rim_pool`, (B, 8w)).
     """
 
     width: int
@@ -190,7 +184,6 @@ class ClassifierHead(nn.Module):
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
     rim_voxels: int = 2
-    norm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, seg_prob: jax.Array | None = None) -> jax.Array:
@@ -202,8 +195,6 @@ class ClassifierHead(nn.Module):
             x = jnp.mean(x, axis=(1, 2, 3))  # (B, 4w)
         else:
             x = lesion_rim_pool(x, seg_prob, self.rim_voxels)  # (B, 8w)
-        if self.norm:
-            x = nn.LayerNorm(epsilon=NORM_EPSILON, dtype=jnp.float32, name="pooled_norm")(x)
         for i in range(2):
             x = nn.relu(nn.Dense(self.dense_units, dtype=self.dtype,
                                  kernel_init=nn.initializers.he_normal(), name=f"dense{i}")(x))
@@ -228,7 +219,6 @@ class MultiTaskNet(nn.Module):
     remat: bool = False
     cls_pooling: str = "global"
     cls_rim_voxels: int = 2
-    cls_norm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> dict[str, jax.Array | None]:
@@ -247,8 +237,7 @@ class MultiTaskNet(nn.Module):
             chex.assert_shape(out["seg"], (b, *spatial, 1))
         if self.cls:
             head = ClassifierHead(self.width, self.dense_units, **kw,
-                                  rim_voxels=self.cls_rim_voxels, norm=self.cls_norm,
-                                  name="cls_head")
+                                  rim_voxels=self.cls_rim_voxels, name="cls_head")
             guide = None
             if self.cls_pooling == "lesion":  # the classification loss does not train the seg
                 guide = jax.lax.stop_gradient(jax.nn.sigmoid(out["seg"]))  # (B, S, S, S, 1)
@@ -277,8 +266,7 @@ def build_model(model_cfg: ModelConfig) -> MultiTaskNet:
                         dense_units=model_cfg.dense_units, conv_impl=model_cfg.conv_impl,
                         dtype=jnp.dtype(model_cfg.dtype), remat=model_cfg.remat,
                         cls_pooling=pooling,
-                        cls_rim_voxels=model_cfg.cls_rim_voxels,
-                        cls_norm=model_cfg.cls_norm)
+                        cls_rim_voxels=model_cfg.cls_rim_voxels)
 
 
 # flax's he_normal: variance_scaling(2, "fan_in", "truncated_normal"), cut at 2 std devs;
@@ -287,8 +275,7 @@ _TRUNCATED_STD = 0.87962566103423978
 
 
 def init_params(model: nn.Module, size: int, seed: int) -> dict[str, Any]:
-    """He-normal kernels, zero biases and unit layer-norm scales, drawn with NumPy on the host;
-    a pure function of seed.
+    """He-normal kernels and zero biases, drawn with NumPy on the host; a pure function of seed.
 
     Same distribution as the modules' flax initialisers (truncated normal,
     std sqrt(2 / fan_in), fan_in = prod(kernel.shape[:-1])), but without XLA: compiling
@@ -302,8 +289,6 @@ def init_params(model: nn.Module, size: int, seed: int) -> dict[str, Any]:
 
     def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
         name = jax.tree_util.keystr(path)
-        if name.endswith("['scale']"):  # LayerNorm's scale, as flax initialises it
-            return np.ones(leaf.shape, np.float32)
         if not name.endswith("['kernel']"):
             return np.zeros(leaf.shape, np.float32)
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])

@@ -21,7 +21,6 @@ def test_toml_round_trip(tmp_path):
                                                  'data.manifest="a \\"b\\".csv"',
                                                  "descriptors.rim_mm=3.0",
                                                  'model.cls_pooling="lesion"',
-                                                 "model.cls_norm=true",
                                                  "inference.overlap=0.5",
                                                  'inference.tta="flips"'])
     path = tmp_path / "c.toml"

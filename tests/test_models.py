@@ -189,36 +189,6 @@ def test_global_pooling_is_the_default_and_unchanged():
     assert cnn["cls_head"]["dense0"]["kernel"].shape == (4 * WIDTH, 8)
 
 
-def test_cls_norm_makes_the_logit_independent_of_the_branch_points_feature_scale():
-    """With zero biases and ReLUs the network is positively homogeneous: scaling the input
-    scales every feature. Without the norm the logit shrinks with the features (Y-Net's
-    collapse: its bottom hands the head ~100x smaller features than the stem); with it the
-    logit does not move."""
-    x = jax.random.uniform(jax.random.key(2, impl="rbg"), (2, 32, 32, 32, 1))
-    logits = {}
-    for norm in (False, True):
-        model = build_model(dataclasses.replace(LESION, name="ynet", cls_norm=norm))
-        params = init_params(model, 32, seed=0)
-        apply = jax.jit(lambda p, v, model=model: model.apply({"params": p}, v)["cls"])
-        logits[norm] = (np.asarray(apply(params, x)), np.asarray(apply(params, 0.1 * x)))
-    plain, small = logits[False]
-    np.testing.assert_allclose(small, 0.1 * plain, rtol=1e-4, atol=1e-9)
-    normed, normed_small = logits[True]
-    np.testing.assert_allclose(normed_small, normed, rtol=1e-3, atol=1e-5)
-    assert np.abs(normed).max() > 10 * np.abs(plain).max()
-
-
-def test_cls_norm_is_off_by_default_and_adds_one_layer_norm():
-    assert ModelConfig().cls_norm is False
-    _, plain = _shapes(LESION, (2, 16, 16, 16, 1))
-    assert "pooled_norm" not in plain["cls_head"]  # checkpoints without it still restore
-    model = build_model(dataclasses.replace(LESION, cls_norm=True))
-    norm = init_params(model, 16, seed=0)["cls_head"]["pooled_norm"]
-    assert norm["scale"].shape == norm["bias"].shape == (8 * WIDTH,)
-    np.testing.assert_array_equal(norm["scale"], 1.0)  # as flax initialises a layer norm
-    np.testing.assert_array_equal(norm["bias"], 0.0)
-
-
 def test_lesion_rim_pool_weights_lesion_then_rim():
     x = jnp.arange(4 * 4 * 4, dtype=jnp.float32).reshape(1, 4, 4, 4, 1)  # (1, 4, 4, 4, 1)
     prob = jnp.zeros((1, 8, 8, 8, 1)).at[0, 2:4, 2:4, 2:4, 0].set(1.0)  # feature voxel (1, 1, 1)
