@@ -149,7 +149,7 @@ def test_quick_config_learns_one_fold(tmp_path):
     """README's main job (configs/quick.toml, fold 2): the lesion found on held-out whole scans.
 
     The slowest test (minutes on a busy 2-core CPU): it generates and preprocesses the
-    40-subject cohort, compiles the 32^3 model and trains 12 epochs. Floors are conservative
+    40-subject cohort, compiles the 32^3 model and trains 20 epochs. Floors are conservative
     (see README for the figures seen on the 8 held-out subjects).
     """
     workdir = tmp_path / "quick_run"
