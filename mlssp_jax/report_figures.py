@@ -7,6 +7,7 @@ or returns None if the runs lack what it needs; :func:`write_figures` saves them
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -137,6 +138,14 @@ def figure_calibration(by_model: dict[str, Run]) -> Figure | None:
     return None
 
 
+def panel_titles(runs: Sequence[Run]) -> list[str]:
+    """Each run's title (model and alpha), with its directory's name where two runs share
+    one (e.g. one model trained on two cohorts)."""
+    counts = Counter(run.title for run in runs)
+    return [f"{run.title}: {run.workdir.name}" if counts[run.title] > 1 else run.title
+            for run in runs]
+
+
 def figure_training_curves(runs: Sequence[Run]) -> Figure | None:
     """Training loss (solid, left axis) and inner-validation score (dashed, right axis) per
     epoch, one panel per run, one colour per fold."""
@@ -149,7 +158,8 @@ def figure_training_curves(runs: Sequence[Run]) -> Figure | None:
     fig = Figure(figsize=(4.4 * cols, 3.0 * rows + 0.5), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     folds: dict[str, object] = {}  # fold name -> its line, for one legend under the panels
-    for ax, (run, files) in zip(axes, logs, strict=False):
+    titles = panel_titles([run for run, _ in logs])
+    for ax, (_, files), title in zip(axes, logs, titles, strict=False):
         score_ax = ax.twinx()
         for index, file in enumerate(files):
             records = rundir.read_jsonl(file)
@@ -161,7 +171,7 @@ def figure_training_curves(runs: Sequence[Run]) -> Figure | None:
                           ls="--")
         score_ax.set_ylim(0, 1)
         score_ax.set_ylabel("inner-val score", fontsize=8)
-        ax.set_title(run.title, fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("train loss")

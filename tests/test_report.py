@@ -10,7 +10,7 @@ import pytest
 from helpers import write_fake_run
 from matplotlib import image as mpimg
 
-from mlssp_jax import evaluate, metrics, report, report_tables
+from mlssp_jax import evaluate, metrics, report, report_figures, report_tables
 from mlssp_jax.cli import run_command
 
 ALPHA_SKILL = {0.3: 0.6, 0.4: 0.7, 0.5: 0.95, 0.6: 0.65, 0.7: 0.5}  # 0.5 is best
@@ -235,3 +235,12 @@ def test_protocol_table_shows_the_signed_median_volume_error_on_the_scans_grids(
                                   "median_volume_error_native_ml": 1.5, "ci95": {}}},
                                "segmentation": None, "classification": None})
     assert "(1.50)" in report_tables.table_protocols([older])[-1]
+
+
+def test_training_curve_panels_of_one_model_on_two_cohorts_are_told_apart(tmp_path):
+    def run(name, model="mlssp"):
+        return report_tables.Run(tmp_path / name, model, 0.4, {})
+    titles = report_figures.panel_titles([run("built_in"), run("shifted"), run("y", "ynet")])
+    assert titles[0] != titles[1]
+    assert titles[0].endswith("built_in") and titles[1].endswith("shifted")
+    assert titles[2] == run("y", "ynet").title  # a title no other run shares stays as it is
