@@ -61,7 +61,7 @@ def brain_crop(image_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
         from mlssp_jax.synth import generate_cohort
 
         with tempfile.TemporaryDirectory() as tmp:
-            generate_cohort(Path(tmp), n_subjects=1, n_avm=0, seed=0, small=False)
+            generate_cohort(Path(tmp), n_subjects=2, n_avm=1, seed=0, small=False)  # 2: the minimum
             return brain_crop(Path(tmp) / "images" / "sub-001.nii.gz")
     pre = preprocess.preprocess_volume(nifti.load_image(image_path), None,
                                        config_lib.DataConfig())
