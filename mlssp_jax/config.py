@@ -168,6 +168,10 @@ class TrainConfig:
     step (0 = off, the paper); the average is what the inner validation scores, what the
     checkpoints' ``params`` hold and so what evaluation and ``predict`` use (Polyak
     averaging: a smoother model than the last step's, and a less noisy checkpoint choice).
+    ``warmup_epochs``: the learning rate rises linearly from ~0 over that many epochs (0 = off,
+    the paper); ``grad_clip_norm``: the gradient's global norm is clipped to that before
+    Adam (0 = off, the paper). Both steady a network whose classification loss reaches its
+    decoder (``he``).
     ``patches_per_subject``: training samples drawn per subject and epoch.
     ``seg_bce_weight``: voxel cross-entropy added to the Dice (:func:`losses.total_loss`;
     0 = the paper); ``batch_dice``: the Dice over the whole batch (false = the paper's
@@ -187,6 +191,8 @@ class TrainConfig:
     alpha: float | str = 0.4
     learning_rate: float = 1e-5
     lr_decay_per_epoch: float = 0.05
+    warmup_epochs: int = 0
+    grad_clip_norm: float = 0.0
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     epochs: int = 100
@@ -419,6 +425,8 @@ def validate(config: Config, where: str = "config") -> None:
     _check(t.learning_rate > 0, where, "train.learning_rate must be > 0")
     _check(0.0 <= t.lr_decay_per_epoch < 1.0, where, "train.lr_decay_per_epoch must be in [0, 1)")
     _check(0.0 <= t.ema_decay < 1.0, where, "train.ema_decay must be in [0, 1)")
+    _check(0 <= t.warmup_epochs < t.epochs, where, "train.warmup_epochs must be in [0, epochs)")
+    _check(t.grad_clip_norm >= 0.0, where, "train.grad_clip_norm must be >= 0")
     _check(t.checkpoint_tasks in CHECKPOINT_TASKS, where,
            f"train.checkpoint_tasks must be one of {list(CHECKPOINT_TASKS)}, "
            f"got {t.checkpoint_tasks!r}")

@@ -2,7 +2,9 @@
 
 Arrays are channels-last: images and masks ``(B, S, S, S, 1)``, labels ``(B,)``. The train
 step runs data-parallel over every device of every host (:mod:`mlssp_jax.parallel`). The
-learning rate is Adam's, decayed by ``train.lr_decay_per_epoch`` after every epoch.
+learning rate is Adam's, decayed by ``train.lr_decay_per_epoch`` after every epoch (after an
+optional linear warm-up, ``train.warmup_epochs``); ``train.grad_clip_norm`` clips the
+gradient's global norm before Adam.
 """
 
 from __future__ import annotations
@@ -52,17 +54,32 @@ def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
 
 def create_learning_rate_fn(train_cfg: config_lib.TrainConfig,
                             steps_per_epoch: int) -> optax.Schedule:
-    """lr(step) = learning_rate * (1 - lr_decay_per_epoch) ** (step // steps_per_epoch)."""
-    return optax.exponential_decay(
+    """lr(step) = learning_rate * (1 - lr_decay_per_epoch) ** (step // steps_per_epoch),
+    times ``min(1, (step + 1) / (warmup_epochs * steps_per_epoch))`` with a warm-up (the
+    decay counts epochs from the first step either way)."""
+    decayed = optax.exponential_decay(
         init_value=train_cfg.learning_rate, transition_steps=steps_per_epoch,
         decay_rate=1.0 - train_cfg.lr_decay_per_epoch, staircase=True)
+    warmup_steps = train_cfg.warmup_epochs * steps_per_epoch
+    if warmup_steps == 0:
+        return decayed
+
+    def schedule(step: jax.Array) -> jax.Array:
+        return decayed(step) * jnp.minimum(1.0, (step + 1.0) / warmup_steps)
+
+    return schedule
 
 
 def create_optimizer(train_cfg: config_lib.TrainConfig,
                      steps_per_epoch: int) -> optax.GradientTransformation:
-    """Adam (b1, b2 from the config) on the per-epoch decayed learning rate."""
-    return optax.adam(create_learning_rate_fn(train_cfg, steps_per_epoch),
+    """Adam (b1, b2 from the config) on the learning-rate schedule, after clipping the
+    gradient's global norm to ``grad_clip_norm`` when that is > 0 (the optimiser state then
+    holds the clip's empty state before Adam's)."""
+    adam = optax.adam(create_learning_rate_fn(train_cfg, steps_per_epoch),
                       b1=train_cfg.adam_b1, b2=train_cfg.adam_b2)
+    if train_cfg.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip_norm), adam)
+    return adam
 
 
 def make_update_fn(train_cfg: config_lib.TrainConfig, steps_per_epoch: int) -> Callable:

@@ -31,6 +31,32 @@ def test_learning_rate_decays_five_percent_per_epoch_not_per_step():
         assert float(lr(step)) == pytest.approx(1e-3 * 0.95 ** (step // 7), rel=1e-6)
 
 
+def test_warmup_rises_linearly_then_the_per_epoch_decay_takes_over():
+    """Warm-up over 2 epochs of 5 steps: lr * (step + 1) / 10 * 0.95 ** epoch, then the decay
+    alone (epochs counted from the first step, as without warm-up)."""
+    cfg = config_lib.TrainConfig(learning_rate=1e-3, lr_decay_per_epoch=0.05, warmup_epochs=2)
+    lr = train_step.create_learning_rate_fn(cfg, steps_per_epoch=5)
+    for step in range(30):
+        expected = 1e-3 * 0.95 ** (step // 5) * min(1.0, (step + 1) / 10)
+        assert float(lr(step)) == pytest.approx(expected, rel=1e-6)
+    assert float(lr(0)) < float(lr(4)) < float(lr(9))
+
+
+def test_gradient_clipping_bounds_the_first_adam_step_only_when_asked():
+    """Adam's first step moves every parameter by ~lr whatever the gradient's scale; with
+    clipping the gradient's global norm is cut to grad_clip_norm first, which shows in the
+    state (the clip's empty state before Adam's) and in Adam's first moment."""
+    grads = {"w": jnp.full((4,), 100.0)}  # global norm 200
+    params = {"w": jnp.zeros((4,))}
+    for clip, expected_mu in ((0.0, 10.0), (2.0, 0.1)):
+        cfg = config_lib.TrainConfig(learning_rate=1e-3, grad_clip_norm=clip)
+        tx = train_step.create_optimizer(cfg, steps_per_epoch=5)
+        state = tx.init(params)
+        _, state = tx.update(grads, state, params)
+        adam_state = state[-1][0] if clip else state[0]
+        np.testing.assert_allclose(adam_state.mu["w"], expected_mu, rtol=1e-5)
+
+
 @struct.dataclass
 class FakeState:
     step: jnp.ndarray
