@@ -29,6 +29,7 @@ TTA_MODES = ("none", "flips", "all")  # mlssp_jax.ensemble.TTA_MODES
 CLASSIFIERS = ("cnn", "descriptors")  # what predict's avm_probability and label come from
 POSTPROCESS_SELECT = ("dsc", "volume")  # how the inner validation picks the threshold
 CHECKPOINT_TASKS = ("both", "segmentation")  # what the best checkpoint is chosen on
+CALIBRATIONS = ("none", "temperature", "platt")  # mlssp_jax.calibration.METHODS
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,12 @@ class TrainConfig:
     For ``alpha = "auto"``: ``auto_weight_lr`` is the (constant) Adam learning rate of the
     log-variances (0: the network's schedule, as before), which are clipped to
     [``log_var_min``, ``log_var_max``] after every step (task weights ``exp(-s)`` in
-    [e^-max, e^-min]). ``temperature_scaling``: fit a temperature on the inner-validation
-    logits of the best checkpoint and apply it to the held-out probabilities.
+    [e^-max, e^-min]). ``calibration``: one of :data:`CALIBRATIONS`, the classification
+    branch's post-hoc calibration (:mod:`mlssp_jax.calibration`; ``"none"``: the paper),
+    fitted on the best checkpoint's inner-validation probabilities (on whole scans, from the
+    VOI the pipeline finds itself, for ``data.sampling = "whole_volume"``; else the VOIs),
+    saved as ``W/fold_K/calibration.json`` and applied to both held-out protocols and by
+    ``predict``.
     ``calibration_bins``: the equal-width bins of the expected calibration error.
     ``checkpoint_tasks``: what the inner-validation score that picks the best checkpoint
     weighs, one of :data:`CHECKPOINT_TASKS`: ``"both"`` (the paper's tasks, the mean of DSC and
@@ -216,7 +221,7 @@ class TrainConfig:
     auto_weight_lr: float = 0.0
     log_var_min: float = -4.0
     log_var_max: float = 4.0
-    temperature_scaling: bool = False
+    calibration: str = "none"
     calibration_bins: int = 10
     ema_decay: float = 0.0
     checkpoint_tasks: str = "both"
@@ -323,11 +328,19 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise InputError(f"{where}: expected {names}, got {value!r}")
 
 
+# Keys of earlier versions, still read from the config.toml of runs trained with them:
+# (section, old key) -> old value -> (new key, new value).
+LEGACY_KEYS = {("train", "temperature_scaling"):
+               lambda on: ("calibration", "temperature" if on is True else "none")}
+
+
 def _build_section(name: str, values: dict[str, Any], base: Any, where: str) -> Any:
     cls = _section_class(name)
     known = {f.name: f for f in dataclasses.fields(cls)}
     updates = {}
     for key, value in values.items():
+        if (name, key) in LEGACY_KEYS:
+            key, value = LEGACY_KEYS[name, key](value)
         if key not in known:
             raise InputError(f"{where}: unknown key '{name}.{key}'")
         updates[key] = _coerce(value, known[key].type, f"{where}: {name}.{key}")
@@ -450,6 +463,8 @@ def validate(config: Config, where: str = "config") -> None:
            "train.workers and train.prefetch must be >= 0")
     _check(t.auto_weight_lr >= 0, where, "train.auto_weight_lr must be >= 0")
     _check(t.calibration_bins >= 1, where, "train.calibration_bins must be >= 1")
+    _check(t.calibration in CALIBRATIONS, where,
+           f"train.calibration must be one of {', '.join(CALIBRATIONS)}")
     _check(t.log_var_min < t.log_var_max, where, "train.log_var_min must be < train.log_var_max")
     _check(m.cls_pooling in CLS_POOLINGS, where,
            f"model.cls_pooling must be one of {', '.join(CLS_POOLINGS)}")

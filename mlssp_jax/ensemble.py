@@ -137,12 +137,15 @@ class Ensemble:
     ``offsets``: one segmentation logit offset per fold (:func:`logit_offset`), subtracted
     before the sigmoid, so that folds which chose different thresholds on their inner
     validation are averaged on a common scale (0: the fold's probabilities as trained).
+    ``calibrations``: one :class:`~mlssp_jax.calibration.Calibration` per fold, applied to that
+    fold's classification probability before the folds are averaged (empty: none).
     """
 
     model_cfg: ModelConfig
     params: tuple  # one parameter tree per fold
     tta: str = "none"
     offsets: tuple = ()  # one float per fold; empty: all 0
+    calibrations: tuple = ()  # one Calibration per fold; empty: the identity
 
     @property
     def folds(self) -> int:
@@ -159,7 +162,11 @@ class Ensemble:
     def voi(self, images: np.ndarray) -> dict:
         outs = _fold_outputs(_compiled(self.model_cfg, self.tta)[1], self.params,
                              self._offsets(), images)
-        return {key: _mean([o[key] for o in outs]) for key in ("seg_prob", "cls_prob")}
+        cls = [o["cls_prob"] for o in outs]
+        if cls[0] is not None and self.calibrations:
+            cls = [cal.apply(p).astype(np.float32)
+                   for cal, p in zip(self.calibrations, cls, strict=True)]
+        return {"seg_prob": _mean([o["seg_prob"] for o in outs]), "cls_prob": _mean(cls)}
 
     def lower_windows(self, batch: int, window: int) -> Any:
         """One fold's windows call lowered for ``(batch, window^3)`` images (for XLA's cost
@@ -170,14 +177,17 @@ class Ensemble:
 
 
 def make_ensemble(model_cfg: ModelConfig, params_list: Sequence[Any], tta: str = "none",
-                  offsets: Sequence[float] = ()) -> Ensemble:
+                  offsets: Sequence[float] = (), calibrations: Sequence[Any] = ()) -> Ensemble:
     """An :class:`Ensemble` of the given parameter trees (one per fold) on the default device,
-    with one segmentation logit offset per fold (empty: none)."""
+    with one segmentation logit offset and one classification calibration per fold (empty:
+    none)."""
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {sorted(TTA_MODES)}, got {tta!r}")
     if not params_list:
         raise ValueError("ensemble of no models")
     if offsets and len(offsets) != len(params_list):
         raise ValueError(f"{len(offsets)} offsets for {len(params_list)} folds")
+    if calibrations and len(calibrations) != len(params_list):
+        raise ValueError(f"{len(calibrations)} calibrations for {len(params_list)} folds")
     return Ensemble(model_cfg, tuple(jax.device_put(p) for p in params_list), tta,
-                    tuple(float(o) for o in offsets))
+                    tuple(float(o) for o in offsets), tuple(calibrations))

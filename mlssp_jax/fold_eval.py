@@ -143,50 +143,56 @@ def save_predictions(out_dir: Path, preds: list[dict], threshold: float) -> None
             np.savez_compressed(tmp, **arrays)
 
 
-def fit_fold_temperature(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
-                         examples: list[dict], mesh: Mesh) -> float:
-    """The temperature (:mod:`mlssp_jax.calibration`) fitted on ``examples`` (the inner
-    validation VOIs); 1.0 when ``train.temperature_scaling`` is off or the model does not
-    classify."""
-    if not config.train.temperature_scaling:
-        return 1.0
-    preds = predict_examples(predict_fn, params, examples, config.train.batch_size, mesh)
-    if not preds or preds[0]["cls_prob"] is None:
-        return 1.0
-    labels = np.array([p["label"] for p in preds])
-    probs = np.array([p["cls_prob"] for p in preds])
-    return calibration.fit_temperature(labels, calibration.logits_from_probs(probs))
+def fit_calibration(config: config_lib.Config, rows: list[dict]) -> calibration.Calibration:
+    """``train.calibration`` fitted on inner-validation ``rows`` (each ``label`` and
+    ``cls_prob``; a model without classification, or no rows: the identity)."""
+    if not rows or rows[0]["cls_prob"] is None:
+        return calibration.Calibration()
+    labels = np.array([r["label"] for r in rows])
+    probs = np.array([r["cls_prob"] for r in rows])
+    return calibration.fit(config.train.calibration, labels, probs)
 
 
-def _with_temperature(preds: list[dict], temperature: float) -> list[dict]:
-    if temperature == 1.0 or not preds or preds[0]["cls_prob"] is None:
-        return preds
-    return [{**p, "cls_prob": float(calibration.apply_temperature(p["cls_prob"], temperature))}
-            for p in preds]
+def fit_fold_calibration(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
+                         examples: list[dict], mesh: Mesh) -> calibration.Calibration:
+    """:func:`fit_calibration` on the inner-validation VOIs ``examples``."""
+    if config.train.calibration == "none":
+        return calibration.Calibration()
+    return fit_calibration(config, predict_examples(predict_fn, params, examples,
+                                                    config.train.batch_size, mesh))
+
+
+def calibrated(rows: list[dict], cal: calibration.Calibration) -> list[dict]:
+    """``rows`` with ``cls_prob`` calibrated by ``cal`` (the same list for the identity)."""
+    if cal.method == "none" or not rows or rows[0]["cls_prob"] is None:
+        return rows
+    probs = cal.apply(np.array([r["cls_prob"] for r in rows]))
+    return [{**r, "cls_prob": float(p)} for r, p in zip(rows, probs, strict=True)]
 
 
 def evaluate_fold(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
                   examples: list[dict], workdir: Path, fold: int, mesh: Mesh,
-                  temperature: float = 1.0, whole_scan: dict | None = None,
+                  cal: calibration.Calibration | None = None, whole_scan: dict | None = None,
                   seg_threshold: float | None = None) -> dict:
     """Predict the held-out VOIs with ``predict_fn`` (the one compiled for validation, from
     :func:`~mlssp_jax.train_step.make_predict_fn`); write ``W/fold_K/eval.json`` (SPEC.md,
     with the ``whole_scan`` block given, :mod:`mlssp_jax.wholescan_eval`) and
     ``W/fold_K/predictions/``.
 
-    ``temperature`` (:func:`fit_fold_temperature`) rescales the classification
-    probabilities; it is recorded in ``classification.temperature``. ``seg_threshold``: the
-    segmentation probability threshold (None: ``train.threshold``; training passes the one
-    the fold's post-processing chose on its inner validation, so that both protocols score
-    the same calibrated model), recorded in ``segmentation.threshold``.
+    ``cal`` (:func:`fit_fold_calibration`; None: the identity) calibrates the
+    classification probabilities; it is recorded in ``classification.calibration``.
+    ``seg_threshold``: the segmentation probability threshold (None: ``train.threshold``;
+    training passes the one the fold's post-processing chose on its inner validation, so that
+    both protocols score the same calibrated model), recorded in ``segmentation.threshold``.
     """
     preds = predict_examples(predict_fn, params, examples, config.train.batch_size, mesh)
-    preds = _with_temperature(preds, temperature)
+    cal = cal or calibration.Calibration()
+    preds = calibrated(preds, cal)
     threshold = config.train.threshold
     seg_threshold = threshold if seg_threshold is None else seg_threshold
     classification = classification_result(preds, threshold, config.train.calibration_bins)
     if classification is not None:
-        classification["temperature"] = temperature
+        classification["calibration"] = cal.to_dict()
     result = {"fold": fold, "alpha": config.train.alpha, "model": config.model.name,
               "segmentation": segmentation_result(preds, seg_threshold, config.data.spacing_mm),
               "classification": classification, "whole_scan": whole_scan}

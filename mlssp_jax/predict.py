@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from mlssp_jax import (
     cache,
+    calibration,
     checkpointing,
     cli,
     descriptor_classifier,
@@ -61,7 +62,8 @@ def load_ensemble(workdir: Path, fold: int | None = None, tta: str | None = None
     """The run's config, the folds used and their best checkpoints in one
     :class:`~mlssp_jax.ensemble.Ensemble` (``tta`` views; None: the run's
     ``inference.tta``), each fold's probabilities recentred on the threshold it chose on its
-    inner validation."""
+    inner validation and its classification probability calibrated as on its inner
+    validation (``fold_K/calibration.json``, :mod:`mlssp_jax.calibration`)."""
     cfg = rundir.read_config(workdir)
     tta = tta or cfg.inference.tta
     if not models.has_tasks(cfg.model.name)[0]:
@@ -78,7 +80,8 @@ def load_ensemble(workdir: Path, fold: int | None = None, tta: str | None = None
     _, thresholds = postprocess.ensemble_rule(workdir, done)
     offsets = [ensemble.logit_offset(t or cfg.train.threshold, cfg.train.threshold)
                for t in thresholds]
-    return cfg, done, ensemble.make_ensemble(cfg.model, params, tta, offsets)
+    cals = [calibration.load(rundir.fold_dir(workdir, k)) for k in done]
+    return cfg, done, ensemble.make_ensemble(cfg.model, params, tta, offsets, cals)
 
 
 def _restore(workdir: Path, fold: int, like):

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from mlssp_jax import (
     augment,
+    calibration,
     checkpointing,
     descriptor_eval,
     fold_eval,
@@ -237,20 +238,32 @@ def train_and_evaluate(config: config_lib.Config, workdir: str | Path, fold: int
         manager.close()
     log.info("fold %d: evaluating the best checkpoint (epoch %d) on %d held-out subjects",
              fold, best, len(data["test"]))
-    temperature = fold_eval.fit_fold_temperature(config, predict_fn, params, data["val"], mesh)
-    rule = wholescan_eval.choose_postprocessing(config, predict_fn, params, data["val_volumes"],
-                                                workdir, fold, mesh)
+    rule, val_rows = wholescan_eval.choose_postprocessing(
+        config, predict_fn, params, data["val_volumes"], workdir, fold, mesh)
+    cal = fit_calibration(config, predict_fn, params, data, val_rows, mesh)
+    if parallel.is_main_process():
+        cal.save(rundir.fold_dir(workdir, fold))
     descriptor_model = (descriptor_eval.fit_fold(config, data["training_subjects"], workdir, fold)
                         if descriptor_eval.applies(config) else None)
     whole = wholescan_eval.held_out(config, predict_fn, params, data["test_volumes"], rule, mesh,
-                                    descriptor_model)
+                                    descriptor_model, cal)
     result = fold_eval.evaluate_fold(config, predict_fn, params, data["test"], workdir, fold,
-                                     mesh, temperature=temperature, whole_scan=whole,
+                                     mesh, cal=cal, whole_scan=whole,
                                      seg_threshold=postprocess.threshold_of(
                                          rule, config.train.threshold))
     log.info("fold %d: %s | %s", fold, fold_eval.held_out_summary(result),
              wholescan_eval.summary(whole))
     return result
+
+
+def fit_calibration(config: config_lib.Config, predict_fn: Callable, params: Any,
+                    data: dict[str, list[dict]], val_rows: list[dict],
+                    mesh: Mesh) -> calibration.Calibration:
+    """``train.calibration`` fitted on the inner validation the run selects with: the
+    whole-scan rows ``val_rows`` (the pipeline's own VOI) when there are, else the VOIs."""
+    if val_rows:
+        return fold_eval.fit_calibration(config, val_rows)
+    return fold_eval.fit_fold_calibration(config, predict_fn, params, data["val"], mesh)
 
 
 def run_epochs(config: config_lib.Config, state: TrainState, data: dict[str, list[dict]],

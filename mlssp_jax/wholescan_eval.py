@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from mlssp_jax import config as config_lib
 from mlssp_jax import fold_eval, models, parallel, postprocess, rundir, wholescan
+from mlssp_jax.calibration import Calibration
 from mlssp_jax.descriptor_classifier import DescriptorClassifier, lesion_probabilities
 from mlssp_jax.train_step import ApplyFn
 
@@ -59,12 +60,15 @@ def score_inner_val(predict_fn: ApplyFn, params: Any, volumes: list[dict],
 
 
 def choose_postprocessing(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
-                          volumes: list[dict], workdir: Path, fold: int, mesh: Mesh) -> dict:
+                          volumes: list[dict], workdir: Path, fold: int, mesh: Mesh
+                          ) -> tuple[dict, list[dict]]:
     """The post-processing rule chosen on the inner-validation ``volumes`` by
     ``train.postprocess_select`` (``none`` without them or a segmentation), saved as
-    ``W/fold_K/postprocessing.json``."""
+    ``W/fold_K/postprocessing.json``, and the classification rows of those scans under that
+    rule (each ``label`` and ``cls_prob`` from the VOI on the predicted lesion; empty
+    without volumes or a segmentation)."""
     if not segments(config, volumes):
-        return dict(postprocess.NONE)
+        return dict(postprocess.NONE), []
     run = wholescan.run(volumes, numpy_predict_fn(predict_fn, params, mesh), config,
                         config.inference.overlap)
     if parallel.is_main_process():
@@ -76,23 +80,28 @@ def choose_postprocessing(config: config_lib.Config, predict_fn: ApplyFn, params
              len(volumes), config.train.postprocess_select, postprocess.describe(run["rule"]),
              chosen["score"], chosen["median_volume_error_ml"], len(scores), min(scores),
              max(scores), postprocess.FILE_NAME)
-    return run["rule"]
+    return run["rule"], run["classification_rows"]
 
 
 def held_out(config: config_lib.Config, predict_fn: ApplyFn, params: Any,
              volumes: list[dict] | None, rule: dict, mesh: Mesh,
-             descriptor_model: DescriptorClassifier | None = None) -> dict | None:
+             descriptor_model: DescriptorClassifier | None = None,
+             cal: Calibration | None = None) -> dict | None:
     """eval.json's ``whole_scan`` block (SPEC.md) on ``volumes`` with post-processing ``rule``;
     None for a model without segmentation. With ``descriptor_model``, also its
-    ``descriptor_classification`` (:func:`descriptor_block`)."""
+    ``descriptor_classification`` (:func:`descriptor_block`). ``cal`` calibrates the
+    classification branch's probabilities (recorded in ``classification.calibration``)."""
     if not segments(config, volumes):
         return None
     run = wholescan.run(volumes, numpy_predict_fn(predict_fn, params, mesh), config,
                         config.inference.overlap, rule, describe=descriptor_model is not None)
     bins = config.train.calibration_bins
-    whole = {"segmentation": run["segmentation"],
-             "classification": fold_eval.classification_result(run["classification_rows"],
-                                                               config.train.threshold, bins)}
+    cal = cal or Calibration()
+    classification = fold_eval.classification_result(
+        fold_eval.calibrated(run["classification_rows"], cal), config.train.threshold, bins)
+    if classification is not None:
+        classification["calibration"] = cal.to_dict()
+    whole = {"segmentation": run["segmentation"], "classification": classification}
     if descriptor_model is not None:
         whole["descriptor_classification"] = descriptor_block(
             descriptor_model, run["classification_rows"], config.train.threshold, bins)

@@ -100,3 +100,10 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("[train\nalpha = ")
     with pytest.raises(InputError, match="not valid TOML"):
         config.load(bad)
+
+
+def test_a_run_saved_with_temperature_scaling_still_loads():
+    """config.toml of runs trained before train.calibration existed."""
+    old_on = config.from_dict({"train": {"temperature_scaling": True}})
+    old_off = config.from_dict({"train": {"temperature_scaling": False}})
+    assert (old_on.train.calibration, old_off.train.calibration) == ("temperature", "none")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlssp_jax import checkpointing, config, ensemble, inference, models, train_lib
+from mlssp_jax import calibration, checkpointing, config, ensemble, inference, models, train_lib
 
 
 def tiny_config():
@@ -102,3 +102,16 @@ def test_larger_windows_stay_close_to_training_size_windows(tiny_run, tiny_cohor
     brain = pre["brain"].astype(bool)
     diff = np.abs(large - small)[brain]
     assert diff.mean() < 0.05 and np.percentile(diff, 99) < 0.3
+
+
+def test_each_fold_classification_is_calibrated_before_the_mean(two_folds):
+    cfg, params = two_folds
+    images = np.random.default_rng(3).random((2, 16, 16, 16, 1), dtype=np.float32)
+    per_fold = [np.asarray(train_lib.make_predict_fn(cfg)(p, images)["cls_prob"]) for p in params]
+    cals = [calibration.Calibration("platt", 3.0, -1.0, 8), calibration.Calibration()]
+    voi = ensemble.make_ensemble(cfg.model, params, calibrations=cals).voi(images)
+    expected = np.mean([cals[0].apply(per_fold[0]), per_fold[1]], axis=0)
+    np.testing.assert_allclose(voi["cls_prob"], expected, atol=1e-5)
+    assert not np.allclose(voi["cls_prob"], np.mean(per_fold, axis=0), atol=1e-3)
+    with pytest.raises(ValueError, match="calibrations"):
+        ensemble.make_ensemble(cfg.model, params, calibrations=cals[:1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlssp_jax import fold_eval, rundir
+from mlssp_jax import calibration, fold_eval, rundir
 
 
 def _pred(subject_id, label, truth, prob, cls_prob):
@@ -79,8 +79,9 @@ def test_temperature_rescales_only_the_classification_probabilities():
     truth = np.ones((2, 2, 2), bool)
     preds = [_pred("a", 1, truth, np.full((2, 2, 2), 0.9), 0.8),
              _pred("b", 0, truth, np.full((2, 2, 2), 0.9), 0.3)]
-    assert fold_eval._with_temperature(preds, 1.0) is preds
-    scaled = fold_eval._with_temperature(preds, 2.0)  # logit / 2: towards 0.5, order kept
+    assert fold_eval.calibrated(preds, calibration.Calibration()) is preds
+    halved = calibration.Calibration("temperature", slope=0.5)  # T = 2
+    scaled = fold_eval.calibrated(preds, halved)  # logit / 2: towards 0.5, order kept
     assert 0.5 < scaled[0]["cls_prob"] < 0.8 and 0.3 < scaled[1]["cls_prob"] < 0.5
     assert scaled[0]["cls_prob"] == pytest.approx(1 / (1 + (0.2 / 0.8) ** 0.5))
     assert scaled[0]["seg_prob"] is preds[0]["seg_prob"]

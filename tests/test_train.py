@@ -37,9 +37,9 @@ def test_trains_one_fold_and_writes_every_output(tiny_run):
     assert (result["fold"], result["alpha"], result["model"]) == (0, 0.4, "mlssp")
     seg, cls = result["segmentation"], result["classification"]
     assert SEG_KEYS | {"threshold", "per_subject"} == set(seg)
-    assert {"accuracy", "sensitivity", "specificity", "auc", "brier", "ece", "temperature",
+    assert {"accuracy", "sensitivity", "specificity", "auc", "brier", "ece", "calibration",
             "threshold", "per_subject"} == set(cls)
-    assert cls["temperature"] == 1.0  # train.temperature_scaling is off
+    assert cls["calibration"]["method"] == "none"  # train.calibration is off
     test_ids = json.loads((tiny_run / "splits.json").read_text())["folds"][0]["test"]
     assert [s["subject_id"] for s in seg["per_subject"]] == test_ids
     assert all(set(s) == SEG_KEYS | {"subject_id"} for s in seg["per_subject"])
@@ -81,12 +81,18 @@ def test_whole_volume_sampling_trains_and_selects_on_whole_scans(tiny_config, ti
     run_train(train_env(), *train_command(tiny_config, tiny_cohort, workdir, "--epochs", "1",
                                           "--set", 'data.sampling="whole_volume"',
                                           "--set", "augment.hu_noise_max=5",
-                                          "--set", "train.seg_bce_weight=1"))
+                                          "--set", "train.seg_bce_weight=1",
+                                          "--set", 'train.calibration="platt"'))
     (record,) = rundir.read_jsonl(workdir / "fold_0" / "metrics.jsonl")
     assert {"val_dsc", "val_false_positive_ml", "val_postprocessing", "seg_bce"} <= set(record)
     result = json.loads((workdir / "fold_0" / "eval.json").read_text())
     assert set(result["whole_scan"]["segmentation"]) == WHOLE_SEG_KEYS | {"per_subject"}
     assert result["segmentation"] is not None  # the paper's protocol beside it
+    # one calibration, fitted on the inner-validation whole scans, applied to both protocols
+    saved = json.loads((workdir / "fold_0" / "calibration.json").read_text())
+    assert saved["method"] == "platt" and saved["n"] >= 1
+    assert result["classification"]["calibration"] == saved
+    assert result["whole_scan"]["classification"]["calibration"] == saved
 
 
 def test_best_params_restore_for_inference(tiny_run):
