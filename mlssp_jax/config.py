@@ -438,12 +438,12 @@ def validate(config: Config, where: str = "config") -> None:
     _check(t.learning_rate > 0, where, "train.learning_rate must be > 0")
     _check(0.0 <= t.lr_decay_per_epoch < 1.0, where, "train.lr_decay_per_epoch must be in [0, 1)")
     _check(0.0 <= t.ema_decay < 1.0, where, "train.ema_decay must be in [0, 1)")
-    _check(0 <= t.warmup_epochs < t.epochs, where, "train.warmup_epochs must be in [0, epochs)")
     _check(t.grad_clip_norm >= 0.0, where, "train.grad_clip_norm must be >= 0")
     _check(t.checkpoint_tasks in CHECKPOINT_TASKS, where,
            f"train.checkpoint_tasks must be one of {list(CHECKPOINT_TASKS)}, "
            f"got {t.checkpoint_tasks!r}")
     _check(t.epochs >= 1, where, "train.epochs must be >= 1")
+    _check(0 <= t.warmup_epochs < t.epochs, where, "train.warmup_epochs must be in [0, epochs)")
     _check(t.batch_size >= 1, where, "train.batch_size must be >= 1")
     _check(t.num_folds >= 2, where, "train.num_folds must be >= 2")
     _check(0.0 <= t.inner_val_fraction < 0.5, where, "train.inner_val_fraction must be in [0, 0.5)")
