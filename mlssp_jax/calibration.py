@@ -11,7 +11,7 @@ inner-validation split) and applied to held-out probabilities (:class:`Calibrati
   on the standardised logit (``PLATT_L2``, scikit-learn's default ``C = 1``), which bounds
   the slope when a few validation subjects are perfectly separated.
 
-Host-side NumPy/SciPy.
+Host-side NumPy/SciPy, and the descriptor classifier's logistic regression for Platt.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 from scipy import optimize
 from scipy.special import expit, logit
 
+from mlssp_jax import descriptor_classifier
 from mlssp_jax.errors import InputError
 from mlssp_jax.fileio import write_json
 
@@ -55,34 +56,17 @@ def fit_temperature(labels: np.ndarray, logits: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """(N,) probabilities rescaled by ``temperature``: ``sigmoid(logit(p) / T)``."""
-    return expit(logits_from_probs(probs) / temperature)
-
-
-def _platt_objective(theta: np.ndarray, z: np.ndarray, labels: np.ndarray) -> tuple:
-    """Sum BCE of ``sigmoid(w z + c)`` + PLATT_L2 / 2 w^2 and its gradient; theta = (w, c)."""
-    w, c = theta
-    u = w * z + c
-    residual = expit(u) - labels
-    value = np.sum(np.logaddexp(0.0, u) - labels * u) + 0.5 * PLATT_L2 * w * w
-    grad = np.array([np.sum(residual * z) + PLATT_L2 * w, np.sum(residual)])
-    return float(value), grad
-
-
 def fit_platt(labels: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
     """(slope, intercept) of Platt scaling on (N,) labels in {0, 1} and (N,) logits: the
-    logistic regression on ``(logit - mean) / sd`` (sd 1 if the logits are constant), mapped
-    back to the raw logit. (1, 0) if the labels are of one class only or N = 0."""
+    project's L2 logistic regression (:func:`mlssp_jax.descriptor_classifier.fit`) on the
+    logit as its one feature, standardised, mapped back to the raw logit. (1, 0) if the
+    labels are of one class only or N = 0."""
     labels, logits = np.asarray(labels, dtype=float), np.asarray(logits, dtype=float)
     if labels.size == 0 or labels.min() == labels.max():
         return 1.0, 0.0
-    mean, sd = float(np.mean(logits)), float(np.std(logits))
-    sd = sd if sd > 0 else 1.0
-    result = optimize.minimize(_platt_objective, np.zeros(2), args=((logits - mean) / sd, labels),
-                               jac=True, method="BFGS", options={"gtol": 1e-8})
-    w, c = result.x
-    return float(w / sd), float(c - w * mean / sd)
+    model = descriptor_classifier.fit(logits[:, None], labels, PLATT_L2, features=("logit",))
+    slope = float(model.coef[0] / model.scale[0])
+    return slope, float(model.intercept - slope * model.mean[0])
 
 
 @dataclass(frozen=True)
@@ -140,5 +124,5 @@ def fit(method: str, labels: np.ndarray, probs: np.ndarray) -> Calibration:
     return Calibration(method, slope, intercept, n)
 
 
-__all__ = ["METHODS", "Calibration", "apply_temperature", "fit", "fit_platt", "fit_temperature",
-           "load", "logits_from_probs"]
+__all__ = ["METHODS", "Calibration", "fit", "fit_platt", "fit_temperature", "load",
+           "logits_from_probs"]

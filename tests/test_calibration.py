@@ -9,7 +9,6 @@ from scipy.special import expit
 
 from mlssp_jax.calibration import (
     Calibration,
-    apply_temperature,
     fit,
     fit_platt,
     fit_temperature,
@@ -39,11 +38,12 @@ def test_applied_temperature_calibrates_without_reordering():
     labels, logits = _overconfident()
     probs = expit(logits)
     t = fit_temperature(labels, logits)
-    scaled = apply_temperature(probs, t)
+    scaled = Calibration("temperature", 1.0 / t).apply(probs)
     assert expected_calibration_error(labels, scaled) < 0.5 * expected_calibration_error(
         labels, probs)
     assert roc_auc(labels, scaled) == pytest.approx(roc_auc(labels, probs))
-    np.testing.assert_allclose(apply_temperature(probs, 1.0), np.clip(probs, 1e-6, 1 - 1e-6))
+    np.testing.assert_allclose(Calibration("temperature", 1.0).apply(probs),
+                               np.clip(probs, 1e-6, 1 - 1e-6))
 
 
 def test_one_class_gives_no_change():
