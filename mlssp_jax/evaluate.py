@@ -6,7 +6,9 @@ metrics are computed once on the pooled out-of-fold probabilities (as the paper 
 ``summary.json`` has eval.json's layout (``segmentation``/``classification`` with the same
 metric keys and ``per_subject`` lists) plus ``ci95`` per task, ``folds``, ``missing_folds``,
 ``n_subjects`` and the bootstrap settings. Each classification block also has the pooled
-calibration, ``brier`` and ``ece`` (``train.calibration_bins`` bins), with CIs. ``whole_scan``
+calibration, ``brier`` and ``ece`` (``train.calibration_bins`` bins), with CIs, and
+``ece_if_calibrated`` (the ECE a calibrated model would show on as many subjects: ``median``,
+``range95``, and ``p`` of the observed ECE against it). ``whole_scan``
 pools eval.json's whole-scan blocks the same way (its segmentation also gives the medians of
 ``MEDIAN_KEYS`` and ``median_signed_volume_error_native_ml``, predicted minus true on the
 scans' grids; ``descriptor_classification``, the descriptor classifier on the pipeline's own
@@ -85,7 +87,9 @@ def pool_segmentation(evals: Sequence[dict], n_resamples: int, seed: int,
 def pool_classification(evals: Sequence[dict], threshold: float, n_resamples: int,
                         seed: int, n_bins: int = 10, key: str = "classification") -> dict | None:
     """Accuracy, sensitivity, specificity and AUC of the pooled out-of-fold probabilities of
-    each eval's ``key`` block, and their ``brier`` and ``ece`` (``n_bins`` bins)."""
+    each eval's ``key`` block, their ``brier`` and ``ece`` (``n_bins`` bins), and
+    ``ece_if_calibrated`` (:func:`metrics.ece_if_calibrated`: the ECE these probabilities
+    would have if calibrated, on this many subjects, and the observed one's p)."""
     rows = [row for e in evals if e.get(key) for row in e[key]["per_subject"]]
     if not rows:
         return None
@@ -99,8 +103,9 @@ def pool_classification(evals: Sequence[dict], threshold: float, n_resamples: in
     for name, statistic in statistics.items():
         pooled[name], ci95[name] = _estimate_and_ci(statistic, labels, probs,
                                                     n_resamples=n_resamples, seed=seed)
-    return {**pooled, "threshold": threshold, "calibration_bins": n_bins, "ci95": ci95,
-            "per_subject": rows}
+    reference = metrics.ece_if_calibrated(labels, probs, n_bins, n_resamples, seed)
+    return {**pooled, "threshold": threshold, "calibration_bins": n_bins,
+            "ece_if_calibrated": reference, "ci95": ci95, "per_subject": rows}
 
 
 def summarize(workdir: str | Path, n_resamples: int = DEFAULT_RESAMPLES,

@@ -219,6 +219,29 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: in
     return float(np.sum(np.where(bins["count"] > 0, gaps, 0.0) * bins["count"]) / n)
 
 
+def ece_if_calibrated(labels: np.ndarray, probs: np.ndarray, n_bins: int = 10,
+                      n_resamples: int = 2000, seed: int = 0) -> dict:
+    """What the ECE of these probabilities would be if they were calibrated (consistency
+    resampling, Broecker & Smith 2007): labels drawn as Bernoulli(p) for each subject's own
+    probability, ``n_resamples`` times (seeded), each scored by
+    :func:`expected_calibration_error`. On a few dozen subjects a perfectly calibrated model
+    has an ECE well above 0 from sampling alone; this is the yardstick for the observed one.
+
+    Returns ``median`` and ``range95`` ([2.5, 97.5] percentiles) of the calibrated ECEs and
+    ``p``: the share of them at least as large as the observed ECE (small: miscalibrated beyond
+    what this many subjects explain). All None if there are no subjects.
+    """
+    labels, probs = np.asarray(labels, dtype=float), np.asarray(probs, dtype=float)
+    if probs.size == 0:
+        return {"median": None, "range95": [None, None], "p": None}
+    observed = expected_calibration_error(labels, probs, n_bins)
+    draws = np.random.default_rng(seed).random((n_resamples, probs.size)) < probs
+    calibrated = np.array([expected_calibration_error(y, probs, n_bins) for y in draws])
+    low, high = np.percentile(calibrated, [2.5, 97.5])
+    return {"median": float(np.median(calibrated)), "range95": [float(low), float(high)],
+            "p": float(np.mean(calibrated >= observed - 1e-12))}
+
+
 def bootstrap_ci(statistic: Callable[..., float], *arrays: np.ndarray, n_resamples: int = 2000,
                  confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """Percentile bootstrap over subjects: (estimate, low, high).

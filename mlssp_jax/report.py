@@ -77,7 +77,11 @@ def render_markdown(runs: Sequence[Run], by_model: dict[str, Run], alpha, figure
               "scan (no true mask at test time).", "",
               "## Calibration", "", *table_calibration(by_model), "",
               "Brier: mean squared error of the probabilities; ECE: expected calibration "
-              "error over equal-width bins (see the reliability diagram).", "",
+              "error over equal-width bins (see the reliability diagram); ECE if calibrated: "
+              "the median ECE (and 95% range) of labels drawn from the model's own "
+              "probabilities (consistency resampling), what sampling alone gives a calibrated "
+              "model on this many subjects; p: the share of those at least as large as the "
+              "observed ECE (small: miscalibrated beyond chance).", "",
               "## Segmentation by model (the numbers behind Fig. 4)", "",
               *table_segmentation_by_model(by_model), "",
               "Ours: mean over subjects (segmentation) or on the pooled out-of-fold "

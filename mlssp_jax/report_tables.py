@@ -246,9 +246,20 @@ def table_calibration(by_model: dict[str, Run]) -> list[str]:
             if block:
                 rows.append([MODEL_TITLES.get(name, name), str(run.alpha), title,
                              str(len(block["per_subject"])), _cell(block, "brier"),
-                             _cell(block, "ece"), str(block.get("calibration_bins", "-"))])
+                             _cell(block, "ece"), _calibrated_ece(block),
+                             str(block.get("calibration_bins", "-"))])
     return markdown_table(["model", "alpha", "classifier", "subjects", "Brier", "ECE",
-                           "ECE bins"], rows)
+                           "ECE if calibrated (95% range; p)", "ECE bins"], rows)
+
+
+def _calibrated_ece(block: dict) -> str:
+    """The cell of :func:`mlssp_jax.metrics.ece_if_calibrated`'s reference ("-" for summaries
+    written before it)."""
+    reference = block.get("ece_if_calibrated")
+    if not reference or reference.get("median") is None:
+        return "-"
+    low, high = reference["range95"]
+    return f"{reference['median']:.3f} [{low:.3f}, {high:.3f}]; p {reference['p']:.2f}"
 
 
 def table_segmentation_by_model(by_model: dict[str, Run]) -> list[str]:

@@ -205,6 +205,24 @@ def test_brier_and_ece_hand_computed():
     np.testing.assert_allclose(bins["lower"], [0, 0.25, 0.5, 0.75])
 
 
+def test_ece_if_calibrated_tells_sampling_noise_from_miscalibration():
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0.05, 0.95, 40)
+    calibrated = (rng.random(40) < probs).astype(int)  # labels drawn from the probabilities
+    reference = metrics.ece_if_calibrated(calibrated, probs, 10, n_resamples=500, seed=1)
+    # 40 subjects: a calibrated model's ECE is far from 0 by sampling alone
+    assert 0.08 < reference["median"] < 0.25
+    low, high = reference["range95"]
+    assert low < reference["median"] < high and reference["p"] > 0.05
+    # the same probabilities with labels that ignore them: miscalibrated beyond chance
+    wrong = (probs < 0.5).astype(int)
+    assert metrics.ece_if_calibrated(wrong, probs, 10, n_resamples=500, seed=1)["p"] < 0.01
+    # seeded; the reference depends on the probabilities only, not on the labels
+    again = metrics.ece_if_calibrated(wrong, probs, 10, n_resamples=500, seed=1)
+    assert again["median"] == reference["median"] and again["range95"] == reference["range95"]
+    assert metrics.ece_if_calibrated(np.array([]), np.array([]))["median"] is None
+
+
 def test_reliability_bin_edges_and_empty_bins():
     bins = metrics.reliability_bins(np.array([1, 0, 1]), np.array([1.0, 0.5, 0.0]), n_bins=2)
     np.testing.assert_array_equal(bins["count"], [1, 2])  # 0.5 and 1.0 are in the last bin

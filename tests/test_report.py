@@ -123,6 +123,9 @@ def test_calibration_table_and_reliability_diagram(experiment):
     block = _summary(dirs[2])["whole_scan"]["descriptor_classification"]
     low, high = block["ci95"]["brier"]
     assert f"| {block['brier']:.3f} [{low:.3f}, {high:.3f}] |" in mlssp[2]
+    reference = block["ece_if_calibrated"]
+    assert f"| {reference['median']:.3f} [{reference['range95'][0]:.3f}, " in mlssp[2]
+    assert f"p {reference['p']:.2f} |" in mlssp[2]
     assert "![Reliability diagram (calibration)](reliability.png)" in text
 
 
