@@ -46,16 +46,17 @@ def segment(image: np.ndarray, brain: np.ndarray, predict_fn: inference.PredictF
     return prob
 
 
-def false_positive_ml(pred: np.ndarray, truth: np.ndarray, spacing_mm: float,
+def false_positive_ml(pred: np.ndarray, truth: np.ndarray, spacing_mm: float | Sequence[float],
                       distance_mm: float = FP_DISTANCE_MM) -> float:
     """mL of ``pred`` voxels farther than ``distance_mm`` from every ``truth`` voxel (all of
-    ``pred`` if ``truth`` is empty); ``spacing_mm`` is the isotropic voxel size."""
+    ``pred`` if ``truth`` is empty); ``spacing_mm``: the voxel size, isotropic or per axis."""
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (pred.ndim,))
     if not truth.any():
         far = pred
     else:
-        far = pred & (ndimage.distance_transform_edt(~truth, sampling=spacing_mm) > distance_mm)
-    return float(np.count_nonzero(far)) * spacing_mm**3 / 1000.0
+        far = pred & (ndimage.distance_transform_edt(~truth, sampling=spacing) > distance_mm)
+    return float(np.count_nonzero(far)) * float(np.prod(spacing)) / 1000.0
 
 
 def subject_metrics(pred: np.ndarray, truth: np.ndarray, spacing_mm: float) -> dict[str, Any]:
