@@ -12,9 +12,10 @@ label. Per subject (``per_subject`` rows): ``dsc``, ``hd95_mm`` (None if a mask 
 percentile-bootstrap 95% CIs over subjects, median absolute, median signed and mean absolute
 volume error, median false-positive volume, lesions found; (``classification``, if the manifest
 has labels and ``predict`` gave probabilities): accuracy, sensitivity, specificity at
-``avm_probability >= 0.5`` (``predict``'s ``label``), AUC, Brier and ECE with CIs, and the ECE
-a calibrated model would show (:func:`mlssp_jax.metrics.ece_if_calibrated`). Written to
-``FILE`` (default ``O/score.json``) atomically, and printed as a short table.
+``avm_probability >= threshold`` (``predict``'s ``label``; the JSON's ``threshold``), AUC,
+Brier and ECE with CIs, and the ECE a calibrated model would show
+(:func:`mlssp_jax.metrics.ece_if_calibrated`). Written to ``FILE`` (default
+``O/score.json``) atomically, and printed as a short table.
 
 The same masks ``predict`` writes, scored as a user would score them: the held-out whole-scan
 evaluation's scan-grid figures (``dsc_native``, ``volume_error_native_ml``) for scans no fold
@@ -40,7 +41,7 @@ from mlssp_jax.fileio import write_json
 
 log = logging.getLogger(__name__)
 
-THRESHOLD = 0.5  # predict's label: avm_probability >= this
+THRESHOLD = 0.5  # predict's label is avm_probability >= its JSON's threshold, this if absent
 CALIBRATION_BINS = 10
 DEFAULT_RESAMPLES = 2000
 
@@ -57,17 +58,19 @@ def prediction_files(predictions: Path, subject: manifest_lib.Subject) -> tuple[
     return files
 
 
-def read_probability(path: Path) -> float | None:
-    """``avm_probability`` of one of predict's JSON files (None if it has none)."""
+def read_probability(path: Path) -> tuple[float | None, float]:
+    """(``avm_probability``, ``threshold``) of one of predict's JSON files (probability None
+    if it has none; threshold ``THRESHOLD`` if the file does not say)."""
     try:
-        value = json.loads(path.read_text()).get("avm_probability")
+        record = json.loads(path.read_text())
+        value, threshold = record.get("avm_probability"), record.get("threshold", THRESHOLD)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
         raise InputError(f"{path}: not predict's JSON ({err})") from None
-    if value is None:
-        return None
-    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise InputError(f"{path}: avm_probability must be a number in [0, 1], got {value!r}")
-    return float(value)
+    for key, number in (("avm_probability", value), ("threshold", threshold)):
+        if number is not None and (isinstance(number, bool) or not isinstance(
+                number, (int, float)) or not 0.0 <= number <= 1.0):
+            raise InputError(f"{path}: {key} must be a number in [0, 1], got {number!r}")
+    return (None if value is None else float(value)), float(threshold)
 
 
 def subject_row(subject: manifest_lib.Subject, predictions: Path) -> dict:
@@ -89,7 +92,8 @@ def subject_row(subject: manifest_lib.Subject, predictions: Path) -> dict:
             "signed_volume_error_ml": volume - true_volume,
             "false_positive_ml": wholescan.false_positive_ml(pred, reference, spacing),
             "detected": bool(np.any(pred & reference)), "label": subject.label,
-            "avm_probability": read_probability(json_path)}
+            **dict(zip(("avm_probability", "threshold"), read_probability(json_path),
+                       strict=True))}
 
 
 def _ci(statistic, *arrays: np.ndarray, n_resamples: int, seed: int) -> list[float | None]:
@@ -121,16 +125,21 @@ def pool_classification(rows: Sequence[dict], n_resamples: int, seed: int) -> di
     scored = [r for r in rows if r["label"] is not None and r["avm_probability"] is not None]
     if not scored:
         return None
+    thresholds = {r["threshold"] for r in scored}
+    if len(thresholds) > 1:
+        raise InputError(f"the predictions were made with different thresholds "
+                         f"{sorted(thresholds)}: score one run's predictions at a time")
+    (threshold,) = thresholds
     labels = np.array([r["label"] for r in scored])
     probs = np.array([r["avm_probability"] for r in scored])
     statistics = {name: (lambda y, p, name=name: metrics.classification_metrics(
-        y, p, THRESHOLD)[name]) for name in ("accuracy", "sensitivity", "specificity", "auc")}
+        y, p, threshold)[name]) for name in ("accuracy", "sensitivity", "specificity", "auc")}
     statistics["brier"] = metrics.brier_score
     statistics["ece"] = lambda y, p: metrics.expected_calibration_error(y, p, CALIBRATION_BINS)
     pooled = {name: float(fn(labels, probs)) for name, fn in statistics.items()}
     ci95 = {name: _ci(fn, labels, probs, n_resamples=n_resamples, seed=seed)
             for name, fn in statistics.items()}
-    return {**pooled, "threshold": THRESHOLD, "calibration_bins": CALIBRATION_BINS,
+    return {**pooled, "threshold": threshold, "calibration_bins": CALIBRATION_BINS,
             "ece_if_calibrated": metrics.ece_if_calibrated(labels, probs, CALIBRATION_BINS,
                                                            n_resamples, seed),
             "n_subjects": len(scored), "ci95": ci95}
@@ -158,12 +167,17 @@ def summary_lines(result: dict) -> list[str]:
              f"{seg['median_false_positive_ml']:.2f} mL, found {seg['detected']}/"
              f"{seg['n_subjects']}"]
     if cls:
-        auc = "n/a" if cls["auc"] is None else f"{cls['auc']:.3f}"
-        lines.append(f"classification, {cls['n_subjects']} scans: AUC {auc}, accuracy "
-                     f"{cls['accuracy']:.3f}, sensitivity {cls['sensitivity']:.3f}, "
-                     f"specificity {cls['specificity']:.3f}, ECE {cls['ece']:.3f} (calibrated: "
-                     f"{cls['ece_if_calibrated']['median']:.3f})")
+        lines.append(f"classification, {cls['n_subjects']} scans: AUC {_fmt(cls['auc'])}, "
+                     f"accuracy {_fmt(cls['accuracy'])}, sensitivity "
+                     f"{_fmt(cls['sensitivity'])}, specificity {_fmt(cls['specificity'])}, "
+                     f"ECE {_fmt(cls['ece'])} (calibrated: "
+                     f"{_fmt(cls['ece_if_calibrated']['median'])})")
     return lines
+
+
+def _fmt(value: float | None) -> str:
+    """A metric for the printed summary ("n/a" where undefined, e.g. one class only)."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _finite(obj):

@@ -17,7 +17,7 @@ import pytest
 from helpers import write_fake_run
 from scipy import ndimage
 
-from mlssp_jax import config, descriptor_eval, manifest, nifti, predict, rundir
+from mlssp_jax import config, descriptor_eval, manifest, metrics, nifti, predict, rundir, score
 from mlssp_jax import descriptor_classifier as clf
 from mlssp_jax.cli import run_command
 from mlssp_jax.descriptors import DESCRIPTOR_NAMES
@@ -192,6 +192,21 @@ def test_command_writes_mask_and_json_on_the_inputs_grid(tiny_run, tiny_cohort, 
         _check_descriptor_probability(record, tiny_run)
     table = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
     assert "descriptor_avm_probability" in table[0].split(",")
+    _check_score(tiny_cohort, tmp_path / "out", tmp_path / "two.csv")
+
+
+def _check_score(cohort, out, two):
+    """``score`` on these predictions: the DSC of the mask files against the cohort's masks."""
+    two.write_text("".join([f"{','.join(manifest.COLUMNS)}\n"] + [
+        f"{s.subject_id},{s.image},{s.mask},{s.label}\n"
+        for s in manifest.read_manifest(cohort)[:2]]))
+    assert run_command(score.main, ["--predictions", str(out), "--data", str(two),
+                                    "--bootstrap", "20"]) == 0
+    result = json.loads((out / "score.json").read_text())
+    for row, subject in zip(result["per_subject"], manifest.read_manifest(two), strict=True):
+        truth = nifti.read_volume(subject.mask).data > 0.5
+        pred = nifti.read_volume(out / f"{scan_name(subject.image)}_mask.nii.gz").data > 0.5
+        assert row["dsc"] == pytest.approx(metrics.segmentation_metrics(pred, truth)["dsc"])
 
 
 def _check_descriptor_probability(record, workdir):

@@ -99,6 +99,8 @@ def test_missing_or_mismatched_predictions_are_rejected_before_writing(tmp_path,
     assert "scan_c.json: not predict's JSON" in _rejected(argv, capsys, out / "score.json")
     (out / "scan_c.json").write_text('{"avm_probability": 1.5}')
     assert "avm_probability must be" in _rejected(argv, capsys, out / "score.json")
+    (out / "scan_c.json").write_text('{"avm_probability": 0.6, "threshold": 0.4}')
+    assert "different thresholds" in _rejected(argv, capsys, out / "score.json")
     (out / "scan_c.json").write_text('{"avm_probability": 0.6}')
     nifti.save(out / "scan_b_mask.nii.gz", _lesion(5, 10)[:, :, :6], AFFINE)
     assert "does not match" in _rejected(argv, capsys, out / "score.json")
@@ -121,4 +123,6 @@ def test_any_json_text_is_scored_or_rejected_cleanly(tmp_path_factory, text):
     except score.InputError as err:
         assert str(err).startswith(str(folder / "p.json"))
     else:
-        assert value is None or 0.0 <= value <= 1.0
+        probability, threshold = value
+        assert probability is None or 0.0 <= probability <= 1.0
+        assert 0.0 <= threshold <= 1.0
