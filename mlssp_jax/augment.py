@@ -136,8 +136,7 @@ def spatial_transform(example: dict[str, Any], rng: np.random.Generator,
     """Random rotation/scale about the VOI centre and/or elastic deformation, one resampling.
 
     Image: linear interpolation, background 0 outside. Mask: resampled as float, then
-    thresholded at 0.5, so it stays binary and aligned with the image (a float mask, the
-    coverage of ``data.soft_labels``, stays the linearly resampled coverage). With only the
+    thresholded at 0.5, so it stays binary and aligned with the image. With only the
     affine part this is one ``ndimage.affine_transform`` per array; with elastic, one
     ``ndimage.map_coordinates`` over the combined coordinates.
     """
@@ -153,9 +152,7 @@ def spatial_transform(example: dict[str, Any], rng: np.random.Generator,
                                  offset=centre - matrix @ centre, order=1, mode="constant",
                                  cval=0.0)
     new_image = warp(np.asarray(image, dtype=np.float32)).astype(np.float32)
-    new_mask = warp(np.asarray(mask, dtype=np.float32))
-    if not np.issubdtype(mask.dtype, np.floating):
-        new_mask = (new_mask >= 0.5).astype(mask.dtype)
+    new_mask = (warp(np.asarray(mask, dtype=np.float32)) >= 0.5).astype(mask.dtype)
     return {**example, "image": new_image, "mask": new_mask}
 
 

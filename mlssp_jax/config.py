@@ -43,12 +43,7 @@ class DataConfig:
     from the whole preprocessed volume, :mod:`mlssp_jax.patches`): a share
     ``lesion_patch_fraction`` (nnU-Net: 1/3) centred on a random lesion voxel, the rest on a
     random brain voxel; a patch counts in the classification loss only if it holds at least
-    ``cls_min_lesion_fraction`` of the lesion's voxels. ``soft_labels`` (``"whole_volume"``
-    only): the segmentation trains on each voxel's lesion coverage (the partial-volume share
-    of the voxel inside the scan's own mask, ``lesion_coverage`` in the preprocessed file)
-    instead of the coverage thresholded at 0.5, so the probability at the lesion's boundary
-    means the share of the voxel that is lesion; selection and evaluation still score the
-    thresholded masks.
+    ``cls_min_lesion_fraction`` of the lesion's voxels.
 
     ``strip_*``: skull stripping (:mod:`mlssp_jax.skullstrip`), HU and mm on the resampled
     grid: bone at or above ``strip_bone_hu``, its gaps closed by ``strip_bone_closing_mm``;
@@ -75,7 +70,6 @@ class DataConfig:
     sampling: str = "lesion"
     lesion_patch_fraction: float = 1.0 / 3.0
     cls_min_lesion_fraction: float = 0.5
-    soft_labels: bool = False
     strip_bone_hu: float = 300.0
     strip_bone_closing_mm: float = 2.0
     strip_brain_min_hu: float = -20.0
@@ -427,8 +421,6 @@ def validate(config: Config, where: str = "config") -> None:
            f"data.synth_preset must be one of {', '.join(SYNTH_PRESETS)}")
     _check(a.voi_jitter_mm >= 0, where, "augment.voi_jitter_mm must be >= 0")
     _check(d.sampling in SAMPLINGS, where, f"data.sampling must be one of {SAMPLINGS}")
-    _check(not d.soft_labels or d.sampling == "whole_volume", where,
-           'data.soft_labels needs data.sampling = "whole_volume"')
     _check(0.0 <= d.lesion_patch_fraction <= 1.0, where,
            "data.lesion_patch_fraction must be in [0, 1]")
     _check(0.0 <= d.cls_min_lesion_fraction <= 1.0, where,

@@ -31,24 +31,19 @@ def _flat(mask: np.ndarray) -> np.ndarray:
 
 
 def load_volumes(paths: Mapping[str, Path], ids: Sequence[str], labels: Mapping[str, int],
-                 native_masks: Mapping[str, Path] | None = None,
-                 soft_labels: bool = False) -> list[dict[str, Any]]:
+                 native_masks: Mapping[str, Path] | None = None) -> list[dict[str, Any]]:
     """Whole preprocessed volumes of ``ids`` for patch sampling and whole-scan evaluation.
 
     Each: ``subject_id``, ``label`` float32, ``hu`` float16 (I, J, K) skull-stripped HU,
     ``image`` float32 (I, J, K) windowed, ``brain`` and ``mask`` uint8 (I, J, K), ``affine``
     (4, 4), ``lesion_voxels`` and ``brain_voxels`` (flat int32 indices; every voxel if the
     brain mask is empty), ``spacing_mm`` (the grid's voxel size) and ``native_mask_path``
-    (the subject's mask on its scan's own grid, from ``native_masks``; None if not given);
-    with ``soft_labels`` also ``lesion_coverage`` float16 (I, J, K) in [0, 1], the patches'
-    training target (:func:`sample_patch`).
+    (the subject's mask on its scan's own grid, from ``native_masks``; None if not given).
     """
     out = []
     for subject_id in ids:
         with np.load(paths[subject_id]) as npz:
-            keys = ("hu", "image", "brain", "mask", "affine") + (
-                ("lesion_coverage",) if soft_labels else ())
-            arrays = {key: npz[key] for key in keys}
+            arrays = {key: npz[key] for key in ("hu", "image", "brain", "mask", "affine")}
         brain = arrays["brain"]
         out.append({"subject_id": subject_id, "label": np.float32(labels[subject_id]),
                     **arrays, "lesion_voxels": _flat(arrays["mask"]),
@@ -91,18 +86,14 @@ def sample_patch(example: Mapping[str, Any], rng: np.random.Generator, size: int
                  lesion_fraction: float, cls_min_lesion_fraction: float) -> dict[str, Any]:
     """One training patch of a whole volume (see the module docstring).
 
-    Returns ``hu`` float32, ``brain`` bool, ``mask`` (size, size, size) the training target
-    (uint8 0/1; float32 coverage in [0, 1] if the volume has ``lesion_coverage``), ``label``,
-    ``spacing_mm``, ``start`` (3,) int, ``lesion_centred`` bool and ``cls_weight`` float32
-    (from the thresholded mask either way).
+    Returns ``hu`` float32, ``brain`` bool, ``mask`` uint8 (size, size, size), ``label``,
+    ``spacing_mm``, ``start`` (3,) int, ``lesion_centred`` bool and ``cls_weight`` float32.
     """
     centre, lesion_centred = draw_centre(example, rng, lesion_fraction)
     start = patch_start(centre, size, example["mask"].shape)
     mask = crop_at(example["mask"], start, size, 0)
     total = len(example["lesion_voxels"])
     held = int(np.count_nonzero(mask)) / total if total else 0.0
-    if "lesion_coverage" in example:
-        mask = crop_at(example["lesion_coverage"], start, size, 0).astype(np.float32)
     return {"hu": crop_at(example["hu"], start, size, AIR_HU).astype(np.float32),
             "brain": crop_at(example["brain"], start, size, 0).astype(bool), "mask": mask,
             "label": example["label"], "spacing_mm": example["spacing_mm"], "start": start,

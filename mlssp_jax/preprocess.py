@@ -5,9 +5,7 @@
 0 outside the brain), ``brain`` uint8, ``mask`` uint8, ``affine`` (4, 4) float64 mapping an
 output array index to the input's world mm, plus ``hu`` float16 (the skull-stripped HU,
 ``AIR_HU`` outside the brain: ``window(hu) == image``, for augmenting before windowing),
-``lesion_coverage`` float16 (each voxel's share covered by the input mask, in [0, 1]: the
-partial-volume label ``data.soft_labels`` trains on), ``lesion_kept_fraction`` and
-``cache_key``.
+``lesion_kept_fraction`` and ``cache_key``.
 
 Geometry is handled in physical space, so any input orientation (RAS, LPS, oblique) and
 spacing gives the same output. The output grid is axis-aligned with the world (RAS+ canonical:
@@ -51,7 +49,7 @@ from mlssp_jax.fileio import atomic_path, inside, staged_outputs, write_json
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_VERSION = 6  # bump when the algorithm changes: invalidates every cache
+PREPROCESS_VERSION = 5  # bump when the algorithm changes: invalidates every cache
 AIR_HU = -1024.0  # value sampled outside the scanned field of view
 HEAD_HU = -300.0  # above this: head (for the bounding box of the output grid)
 HEAD_MARGIN_MM = 4.0  # margin around the head's bounding box
@@ -166,37 +164,32 @@ def _world_box_to_output(corners_index: np.ndarray, affine: np.ndarray, out_affi
     return tuple(slice(a, max(a, b)) for a, b in zip(low, high, strict=True))
 
 
-def mask_coverage(mask: np.ndarray, affine: np.ndarray, out_affine: np.ndarray,
+def resample_mask(mask: np.ndarray, affine: np.ndarray, out_affine: np.ndarray,
                   shape: tuple[int, int, int]) -> np.ndarray:
-    """(D, H, W) float32 share of each output voxel covered by the lesion, in [0, 1].
+    """Binary mask on the output grid: lesion where its coverage is >= ``MASK_THRESHOLD``.
 
     Coverage of an output voxel = mean of ``MASK_SUPERSAMPLE``^3 linear samples of the mask
     (as float) spread over the voxel, so exact ties of a single sample (output planes half-way
     between slices) do not bias the volume. Computed only around the lesion's bounding box.
     """
-    coverage = np.zeros(shape, dtype=np.float32)
+    out = np.zeros(shape, dtype=bool)
     points = np.argwhere(mask)
     if len(points) == 0:
-        return coverage
+        return out
     corners = np.array([[lo if b == 0 else hi for lo, hi, b in
                          zip(points.min(0) - 1, points.max(0) + 1, bits, strict=True)]
                         for bits in np.ndindex(2, 2, 2)], dtype=np.float64)
     box = _world_box_to_output(corners, affine, out_affine, shape)
     box_shape = tuple(sl.stop - sl.start for sl in box)
     offsets = (np.arange(MASK_SUPERSAMPLE) + 0.5) / MASK_SUPERSAMPLE - 0.5
+    coverage = np.zeros(box_shape, dtype=np.float32)
     for offset in itertools.product(offsets, repeat=3):
         sub_affine = out_affine.copy()
         sub_affine[:3, 3] = out_affine[:3, :3] @ (np.array([sl.start for sl in box]) + offset) \
             + out_affine[:3, 3]
-        coverage[box] += resample(mask, affine, sub_affine, box_shape, cval=0.0)
-    return np.clip(coverage / MASK_SUPERSAMPLE**3, 0.0, 1.0)
-
-
-def resample_mask(mask: np.ndarray, affine: np.ndarray, out_affine: np.ndarray,
-                  shape: tuple[int, int, int]) -> np.ndarray:
-    """Binary mask on the output grid: lesion where its :func:`mask_coverage` is at least
-    ``MASK_THRESHOLD``."""
-    return mask_coverage(mask, affine, out_affine, shape) >= MASK_THRESHOLD
+        coverage += resample(mask, affine, sub_affine, box_shape, cval=0.0)
+    out[box] = coverage >= MASK_THRESHOLD * MASK_SUPERSAMPLE**3
+    return out
 
 
 def preprocess_arrays(image_hu: np.ndarray, affine: np.ndarray, mask: np.ndarray | None,
@@ -208,14 +201,15 @@ def preprocess_arrays(image_hu: np.ndarray, affine: np.ndarray, mask: np.ndarray
     brain = skullstrip.skull_strip(hu, fov, data_cfg)
     image = np.where(brain, window(hu, data_cfg.window_level_hu, data_cfg.window_width_hu), 0.0)
     stripped_hu = np.where(brain, hu, AIR_HU).astype(np.float16)
-    coverage = (np.zeros(shape, dtype=np.float32) if mask is None
-                else mask_coverage(mask, affine, out_affine, shape))
-    lesion = coverage >= MASK_THRESHOLD
+    if mask is None:
+        lesion = np.zeros(shape, dtype=bool)
+    else:
+        lesion = resample_mask(mask, affine, out_affine, shape)
     n_lesion = int(np.count_nonzero(lesion))
     kept = float(np.count_nonzero(lesion & brain)) / n_lesion if n_lesion else 1.0
     return {"image": image.astype(np.float32), "brain": brain.astype(np.uint8),
             "mask": lesion.astype(np.uint8), "affine": out_affine, "lesion_kept_fraction": kept,
-            "hu": stripped_hu, "lesion_coverage": coverage.astype(np.float16)}
+            "hu": stripped_hu}
 
 
 def preprocess_volume(image: nifti.Volume, mask: nifti.Volume | None,
@@ -224,10 +218,8 @@ def preprocess_volume(image: nifti.Volume, mask: nifti.Volume | None,
 
     Returns ``image`` float32 (D, H, W) in [0, 1] (0 outside the brain), ``hu`` float16 (D, H, W)
     skull-stripped HU (``AIR_HU`` outside the brain), ``brain`` and ``mask``
-    uint8 (D, H, W), ``lesion_coverage`` float16 (D, H, W) in [0, 1] (:func:`mask_coverage`;
-    ``mask`` is where it is at least ``MASK_THRESHOLD``), ``affine`` (4, 4) output index -> the
-    input's world mm, and ``lesion_kept_fraction`` (lesion voxels inside the brain mask /
-    lesion voxels; 1.0 if none).
+    uint8 (D, H, W), ``affine`` (4, 4) output index -> the input's world mm, and
+    ``lesion_kept_fraction`` (lesion voxels inside the brain mask / lesion voxels; 1.0 if none).
     """
     mask_data = None if mask is None else mask.data
     return preprocess_arrays(image.data, image.affine, mask_data, data_cfg)

@@ -127,8 +127,7 @@ def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[
                                                whole_volumes=background and part == "train")
             for part, ids_ in split.items() if not (whole and part == "train")}
     if whole:
-        data["train"] = patches.load_volumes(paths, split["train"], label_of,
-                                             soft_labels=config.data.soft_labels)
+        data["train"] = patches.load_volumes(paths, split["train"], label_of)
     data["val_volumes"] = patches.load_volumes(paths, split["val"], label_of)
     data["test_volumes"] = patches.load_volumes(paths, split["test"], label_of,
                                                 manifest.native_masks(subjects))

@@ -76,21 +76,6 @@ def test_random_transform_mask_binary_and_aligned(cfg):
     np.testing.assert_allclose(ndimage.center_of_mass(out["mask"]), [11.5] * 3, atol=2.0)
 
 
-def test_a_coverage_mask_is_resampled_not_thresholded():
-    """``data.soft_labels``: the float coverage keeps fractions through a rotation and its
-    volume (sum) within the scale's change; the binary mask of the same draw is its >= 0.5."""
-    example = _sphere_example()
-    soft = {**example, "mask": example["mask"].astype(np.float32)}
-    cfg = dataclasses.replace(ALL_ON, elastic=False, intensity=False)
-    out_soft = augment.random_transform(soft, np.random.default_rng(4), cfg, 1.0)
-    out_hard = augment.random_transform(example, np.random.default_rng(4), cfg, 1.0)
-    assert out_soft["mask"].dtype == np.float32
-    assert ((out_soft["mask"] > 0.01) & (out_soft["mask"] < 0.99)).any()
-    assert 0.0 <= out_soft["mask"].min() and out_soft["mask"].max() <= 1.0
-    np.testing.assert_array_equal(out_soft["mask"] >= 0.5, out_hard["mask"].astype(bool))
-    assert 0.7 < out_soft["mask"].sum() / example["mask"].sum() < 1.4
-
-
 def test_random_transform_is_deterministic_in_the_generator():
     example = _sphere_example()
     a = augment.random_transform(example, np.random.default_rng(7), ALL_ON, 1.0)

@@ -55,7 +55,6 @@ def test_int_accepted_for_float():
     ({"augment": {"background_fraction": -0.1}}, "augment.background_fraction must be in [0, 1)"),
     ({"train": {"auto_weight_lr": -1e-3}}, "train.auto_weight_lr must be >= 0"),
     ({"train": {"ema_decay": 1.0}}, "train.ema_decay must be in [0, 1)"),
-    ({"data": {"soft_labels": True}}, "data.soft_labels needs data.sampling = \"whole_volume\""),
     ({"train": {"warmup_epochs": 100}}, "train.warmup_epochs must be in [0, epochs)"),
     ({"train": {"grad_clip_norm": -1.0}}, "train.grad_clip_norm must be >= 0"),
     ({"train": {"checkpoint_tasks": "dsc"}}, "train.checkpoint_tasks must be one of"),

@@ -3,7 +3,6 @@
 import dataclasses
 
 import numpy as np
-from scipy import ndimage
 
 from mlssp_jax import input_pipeline, patches
 from mlssp_jax.config import AugmentConfig, Config, DataConfig, TrainConfig
@@ -87,41 +86,3 @@ def test_load_volumes_reads_the_preprocessed_fields(tmp_path):
     assert loaded["spacing_mm"] == 2.0 and loaded["label"] == 1
     np.testing.assert_array_equal(loaded["lesion_voxels"], v["lesion_voxels"])
     assert loaded["hu"].dtype == np.float16
-
-
-def _soft_volume(seed=0):
-    """:func:`_volume` with a partial-volume coverage: 1 inside the lesion, 0.25 on its
-    one-voxel shell (values a 2 mm grid gives at a lesion's surface)."""
-    v = _volume(seed=seed)
-    coverage = 0.25 * ndimage.binary_dilation(v["mask"]) + 0.75 * v["mask"]
-    return {**v, "lesion_coverage": coverage.astype(np.float16)}
-
-
-def test_soft_label_patches_carry_the_coverage_and_weigh_cls_by_the_mask():
-    example, rng = _soft_volume(), np.random.default_rng(3)
-    hard = {k: v for k, v in example.items() if k != "lesion_coverage"}
-    for _ in range(200):
-        state = rng.bit_generator.state
-        soft = patches.sample_patch(example, rng, S, 0.5, 0.5)
-        rng.bit_generator.state = state
-        binary = patches.sample_patch(hard, rng, S, 0.5, 0.5)
-        np.testing.assert_array_equal(soft["start"], binary["start"])
-        assert soft["mask"].dtype == np.float32 and binary["mask"].dtype == np.uint8
-        np.testing.assert_array_equal(soft["mask"] >= 0.5, binary["mask"].astype(bool))
-        assert soft["cls_weight"] == binary["cls_weight"]
-    # the training batches keep the fractions through the symmetries and the HU augmentation
-    batches = list(input_pipeline.train_batches([_soft_volume(i) for i in range(4)],
-                                                _cfg(soft_labels=True), seed=5, epoch=0))
-    values = np.unique(np.concatenate([b["mask"].ravel() for b in batches]))
-    np.testing.assert_array_equal(values, np.array([0.0, 0.25, 1.0], np.float32))
-
-
-def test_load_volumes_reads_the_coverage_only_for_soft_labels(tmp_path):
-    v = _soft_volume()
-    path = tmp_path / "v0.npz"
-    np.savez(path, **{k: v[k] for k in ("hu", "image", "brain", "mask", "lesion_coverage")},
-             affine=np.eye(4))
-    (hard,) = patches.load_volumes({"v0": path}, ["v0"], {"v0": 0})
-    (soft,) = patches.load_volumes({"v0": path}, ["v0"], {"v0": 0}, soft_labels=True)
-    assert "lesion_coverage" not in hard
-    np.testing.assert_array_equal(soft["lesion_coverage"], v["lesion_coverage"])

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from mlssp_jax import manifest, nifti, preprocess
 from mlssp_jax.config import DataConfig
@@ -102,25 +101,6 @@ def test_output_format_and_superficial_lesion_kept(case):
     assert 0.85 < brain_ml / cavity_ml < 1.05
 
 
-def test_lesion_coverage_is_the_partial_volume_label_the_mask_thresholds(case):
-    """The coverage (``data.soft_labels``' target) keeps the lesion's volume without the 0.5
-    cut, lies in [0, 1] with fractional values only at the boundary, and thresholds to the
-    mask."""
-    _, mask, affine, out = case
-    coverage = out["lesion_coverage"].astype(np.float32)
-    assert out["lesion_coverage"].dtype == np.float16 and coverage.shape == out["mask"].shape
-    assert 0.0 <= coverage.min() and coverage.max() <= 1.0
-    decided = np.abs(coverage - preprocess.MASK_THRESHOLD) > 1e-3  # float16 rounds the ties
-    np.testing.assert_array_equal(out["mask"][decided],
-                                  coverage[decided] >= preprocess.MASK_THRESHOLD)
-    volume_in, _ = _world_stats(mask, affine)
-    assert abs(coverage.sum() / 1000.0 / volume_in - 1.0) < 0.03  # 1 mm output voxels
-    # fractions only near the surface: deeper than the slices' 5 mm the lesion covers voxels whole
-    depth = ndimage.distance_transform_edt(out["mask"])
-    assert ((coverage > 0.05) & (coverage < 0.95)).any()
-    assert (coverage[depth > 5.0] > 0.95).all() and (depth > 5.0).any()
-
-
 def test_tilted_slab_cutting_through_the_head_keeps_the_brain_at_its_edge():
     """A gantry-tilted scan covering part of the head; the slab ends inside the lesion."""
     shape, spacing = (150, 150, 6), (0.45, 0.45, 5.0)
@@ -165,7 +145,6 @@ def test_no_mask_gives_zero_mask():
     hu, _ = _head(shape, affine)
     out = preprocess.preprocess_arrays(hu, affine, None, CFG)
     assert out["mask"].shape == out["image"].shape and not out["mask"].any()
-    assert out["lesion_coverage"].shape == out["image"].shape and not out["lesion_coverage"].any()
     assert out["lesion_kept_fraction"] == 1.0
 
 
