@@ -27,7 +27,7 @@ SAMPLINGS = ("lesion", "whole_volume")
 SYNTH_PRESETS = ("default", "shifted")  # mlssp_jax.synth.settings.PRESETS
 TTA_MODES = ("none", "flips", "all")  # mlssp_jax.ensemble.TTA_MODES
 CLASSIFIERS = ("cnn", "descriptors")  # what predict's avm_probability and label come from
-POSTPROCESS_SELECT = ("dsc", "volume")  # how the inner validation picks the threshold
+POSTPROCESS_SELECT = ("dsc", "volume", "volume_native")  # how inner validation picks a threshold
 CHECKPOINT_TASKS = ("both", "segmentation")  # what the best checkpoint is chosen on
 CALIBRATIONS = ("none", "temperature", "platt")  # mlssp_jax.calibration.METHODS
 
@@ -190,7 +190,9 @@ class TrainConfig:
     ``postprocess_select``: ``"dsc"`` takes the rule and threshold of best mean DSC;
     ``"volume"`` the component rule of best mean DSC, then, among the thresholds, the one
     whose inner-validation volumes are least biased (median signed volume error closest to
-    0 mL; ties: the better DSC), a volumetry tool's calibration.
+    0 mL; ties: the better DSC), a volumetry tool's calibration; ``"volume_native"`` the same
+    with the volumes measured as ``predict`` writes them, on each scan's own grid (the mask
+    resampled there, against the manifest's mask).
     """
 
     alpha: float | str = 0.4

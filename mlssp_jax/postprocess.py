@@ -104,25 +104,37 @@ def apply(mask: np.ndarray, brain: np.ndarray, rule: dict, voxel_ml: float,
     return np.concatenate([[False], kept_components(sizes, rule, voxel_ml)])[labels]
 
 
-def choose_scored(scored: Sequence[dict], select: str) -> dict:
-    """The rule chosen among ``scored`` (``rule``, ``score`` (mean DSC) and, for ``"volume"``,
-    ``median_volume_error_ml``), in candidate order.
+VOLUME_ERROR_KEYS = {"volume": "median_volume_error_ml",
+                     "volume_native": "median_volume_error_native_ml"}  # by selection
 
-    ``"dsc"``: the highest score (the first of equals). ``"volume"``: the component rule of
-    that best one (its name and ``min_ml``), then among its thresholds the one whose median
-    signed volume error is closest to 0 mL (ties: the higher score, then the first).
-    """
-    order = range(len(scored))
-    best = max(order, key=lambda i: (scored[i]["score"], -i))
-    if select == "dsc":
-        return scored[best]["rule"]
-    if select != "volume":
-        raise ValueError(f"unknown post-processing selection {select!r}")
+
+def best_component(scored: Sequence[dict]) -> list[int]:
+    """Indices of the candidates of ``scored`` that share the component rule (name and
+    ``min_ml``, any threshold) of the best-scoring one (the first of equals)."""
+    best = max(range(len(scored)), key=lambda i: (scored[i]["score"], -i))
     def component(rule: dict) -> dict:
         return {k: v for k, v in rule.items() if k != "threshold"}
-    same = [i for i in order if component(scored[i]["rule"]) == component(scored[best]["rule"])]
-    chosen = min(same, key=lambda i: (abs(scored[i]["median_volume_error_ml"]),
-                                      -scored[i]["score"], i))
+    return [i for i in range(len(scored))
+            if component(scored[i]["rule"]) == component(scored[best]["rule"])]
+
+
+def choose_scored(scored: Sequence[dict], select: str) -> dict:
+    """The rule chosen among ``scored`` (``rule``, ``score`` (mean DSC) and, for a volume
+    selection, its :data:`VOLUME_ERROR_KEYS` entry), in candidate order.
+
+    ``"dsc"``: the highest score (the first of equals). ``"volume"`` / ``"volume_native"``:
+    the component rule of that best one (its name and ``min_ml``), then among its thresholds
+    the one whose median signed volume error (on the preprocessed grid / on the scans' own
+    grids) is closest to 0 mL (ties: the higher score, then the first).
+    """
+    if select == "dsc":
+        best = max(range(len(scored)), key=lambda i: (scored[i]["score"], -i))
+        return scored[best]["rule"]
+    if select not in VOLUME_ERROR_KEYS:
+        raise ValueError(f"unknown post-processing selection {select!r}")
+    key = VOLUME_ERROR_KEYS[select]
+    chosen = min(best_component(scored), key=lambda i: (abs(scored[i][key]),
+                                                        -scored[i]["score"], i))
     return scored[chosen]["rule"]
 
 

@@ -128,9 +128,11 @@ def load_fold_data(config: config_lib.Config, workdir: Path, fold: int) -> dict[
             for part, ids_ in split.items() if not (whole and part == "train")}
     if whole:
         data["train"] = patches.load_volumes(paths, split["train"], label_of)
-    data["val_volumes"] = patches.load_volumes(paths, split["val"], label_of)
-    data["test_volumes"] = patches.load_volumes(paths, split["test"], label_of,
-                                                manifest.native_masks(subjects))
+    native = manifest.native_masks(subjects)
+    data["val_volumes"] = patches.load_volumes(  # scan grids: for a selection made there
+        paths, split["val"], label_of,
+        native if config.train.postprocess_select == "volume_native" else None)
+    data["test_volumes"] = patches.load_volumes(paths, split["test"], label_of, native)
     data["training_subjects"] = [{"subject_id": s, "label": label_of[s], "path": paths[s]}
                                  for s in split["train"] + split["val"]]
     return data

@@ -146,6 +146,26 @@ def validation_scores(volumes: Sequence[dict], probs: Sequence[np.ndarray],
             for d, e in zip(dscs, errors, strict=True)]
 
 
+def native_volume_errors(volumes: Sequence[dict], probs: Sequence[np.ndarray],
+                         rules: Sequence[dict], threshold: float) -> list[float]:
+    """Each rule's median over ``volumes`` of the signed volume error (predicted minus true,
+    mL) on the scans' own grids: the post-processed mask resampled as ``predict`` writes it
+    (:func:`native_metrics`) against each volume's ``native_mask_path``."""
+    natives = [nifti.read_volume(v["native_mask_path"]) for v in volumes]
+    errors = []
+    for rule in rules:
+        used = postprocess.threshold_of(rule, threshold)
+        per_volume = []
+        for volume, prob, native in zip(volumes, probs, natives, strict=True):
+            mask = postprocessed(volume, prob, rule, threshold)
+            pred = inference.resample_mask(kept_probability(prob, mask, used), volume["affine"],
+                                           native.affine, native.data.shape, used)
+            n_truth = int(np.count_nonzero(native.data > 0.5))
+            per_volume.append((int(np.count_nonzero(pred)) - n_truth) * native.voxel_volume_ml)
+        errors.append(float(np.median(per_volume)))
+    return errors
+
+
 def dsc(pred: np.ndarray, truth: np.ndarray) -> float:
     """:func:`metrics.segmentation_metrics`' DSC alone (both empty: 1), without its HD95."""
     c = metrics.confusion_counts(pred, truth)
@@ -164,18 +184,20 @@ def classify(volume: dict, prob: np.ndarray, mask: np.ndarray, predict_fn: infer
 
 def evaluate(volumes: Sequence[dict], probs: Sequence[np.ndarray], predict_fn, rule: dict,
              window: int, threshold: float, batch_size: int,
-             describe: Callable[[np.ndarray, dict], dict] | None = None
+             describe: Callable[[np.ndarray, dict], dict] | None = None, native: bool = True
              ) -> tuple[dict, list[dict]]:
     """eval.json's ``whole_scan.segmentation`` block and per-subject classification rows
     (``subject_id``, ``label``, ``cls_prob``: None if the model has no classifier; with
-    ``describe`` (post-processed mask, volume) -> descriptors, also ``descriptors``)."""
+    ``describe`` (post-processed mask, volume) -> descriptors, also ``descriptors``).
+    ``native`` False leaves the scan-grid metrics out (:data:`NO_NATIVE`)."""
     per_subject, cls_rows = [], []
     for volume, prob in zip(volumes, probs, strict=True):
         mask = postprocessed(volume, prob, rule, threshold)
         threshold_used = postprocess.threshold_of(rule, threshold)
         per_subject.append({"subject_id": volume["subject_id"],
                             **subject_metrics(mask, volume["mask"], volume["spacing_mm"]),
-                            **native_metrics(volume, prob, mask, threshold_used)})
+                            **(native_metrics(volume, prob, mask, threshold_used) if native
+                               else NO_NATIVE)})
         cls_rows.append({"subject_id": volume["subject_id"], "label": int(volume["label"]),
                          "cls_prob": classify(volume, prob, mask, predict_fn, window,
                                               threshold_used, batch_size)})
@@ -199,22 +221,38 @@ def choose_postprocessing(volumes: Sequence[dict], probs: Sequence[np.ndarray],
     """The post-processing rule chosen on ``volumes`` and each candidate's scores
     (:func:`validation_scores`), among :func:`postprocess.candidates` of ``train_cfg``'s
     ``postprocess_*`` fields, by ``select`` (None: ``train_cfg.postprocess_select``;
-    :func:`postprocess.choose_scored`)."""
+    :func:`postprocess.choose_scored`). ``"volume_native"`` also scores the candidates of the
+    best component rule on the scans' own grids (:func:`native_volume_errors`; every volume
+    needs its ``native_mask_path``), the others' ``median_volume_error_native_ml`` None."""
+    select = select or train_cfg.postprocess_select
     max_hu = train_cfg.postprocess_max_hu or None
     rules = postprocess.candidates(train_cfg.postprocess_min_ml,
                                    train_cfg.postprocess_thresholds, max_hu)
     scores = validation_scores(volumes, probs, rules, train_cfg.threshold)
     scored = [{"rule": rule, **score} for rule, score in zip(rules, scores, strict=True)]
-    return postprocess.choose_scored(scored, select or train_cfg.postprocess_select), scored
+    if select == "volume_native":
+        if any(v.get("native_mask_path") is None for v in volumes):
+            raise ValueError('postprocess_select = "volume_native" needs every validation '
+                             "volume's native_mask_path")
+        same = postprocess.best_component(scored)
+        errors = native_volume_errors(volumes, probs, [rules[i] for i in same],
+                                      train_cfg.threshold)
+        for row in scored:
+            row["median_volume_error_native_ml"] = None
+        for i, error in zip(same, errors, strict=True):
+            scored[i]["median_volume_error_native_ml"] = error
+    return postprocess.choose_scored(scored, select), scored
 
 
 def run(volumes: Sequence[dict], predict_fn: inference.PredictFn, cfg, overlap: float,
-        rule: dict | None = None, describe: bool = False, select: str | None = None) -> dict:
+        rule: dict | None = None, describe: bool = False, select: str | None = None,
+        native: bool = True) -> dict:
     """Whole-scan prediction and metrics of ``volumes`` under config ``cfg``.
 
     ``rule`` None chooses the post-processing on these volumes (inner validation), by
     ``select`` (:func:`choose_postprocessing`);
-    ``describe``: measure the predicted lesion's descriptors (each row's ``descriptors``).
+    ``describe``: measure the predicted lesion's descriptors (each row's ``descriptors``);
+    ``native`` False: no scan-grid metrics (:func:`evaluate`).
     Returns ``rule``, ``scored`` (each candidate's scores, or None), ``segmentation`` (the
     block of :func:`evaluate`) and ``classification_rows``.
     """
@@ -226,5 +264,6 @@ def run(volumes: Sequence[dict], predict_fn: inference.PredictFn, cfg, overlap: 
         rule, scored = choose_postprocessing(volumes, probs, cfg.train, select)
     describer = ((lambda mask, volume: descriptors.largest_lesion_descriptors(mask, volume, cfg))
                  if describe else None)
-    seg, rows = evaluate(volumes, probs, predict_fn, rule, window, threshold, batch, describer)
+    seg, rows = evaluate(volumes, probs, predict_fn, rule, window, threshold, batch, describer,
+                         native)
     return {"rule": rule, "scored": scored, "segmentation": seg, "classification_rows": rows}

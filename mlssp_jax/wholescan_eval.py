@@ -50,7 +50,7 @@ def score_inner_val(predict_fn: ApplyFn, params: Any, volumes: list[dict],
     ``val_false_positive_ml``, ``val_postprocessing``, ``val_auc``, ``val_accuracy`` and
     ``val_score`` (:func:`fold_eval.selection_score`)."""
     run = wholescan.run(volumes, numpy_predict_fn(predict_fn, params, mesh), config,
-                        config.train.val_overlap, select="dsc")
+                        config.train.val_overlap, select="dsc", native=False)
     seg = run["segmentation"]
     cls = fold_eval.classification_result(run["classification_rows"], config.train.threshold)
     return {"val_dsc": seg["dsc"], "val_false_positive_ml": seg["false_positive_ml"],
@@ -75,11 +75,13 @@ def choose_postprocessing(config: config_lib.Config, predict_fn: ApplyFn, params
         postprocess.save(rundir.fold_dir(workdir, fold), run["rule"], run["scored"])
     scores = [s["score"] for s in run["scored"]]
     chosen = next(s for s in run["scored"] if s["rule"] == run["rule"])
+    native = chosen.get("median_volume_error_native_ml")
     log.info("post-processing chosen on %d inner-validation scans by %s: %s, mean DSC %.3f, "
-             "median volume error %+.2f mL (%d candidates, DSC %.3f-%.3f; each in %s)",
+             "median volume error %+.2f mL%s (%d candidates, DSC %.3f-%.3f; each in %s)",
              len(volumes), config.train.postprocess_select, postprocess.describe(run["rule"]),
-             chosen["score"], chosen["median_volume_error_ml"], len(scores), min(scores),
-             max(scores), postprocess.FILE_NAME)
+             chosen["score"], chosen["median_volume_error_ml"],
+             "" if native is None else f" ({native:+.2f} mL on the scans' grids)",
+             len(scores), min(scores), max(scores), postprocess.FILE_NAME)
     return run["rule"], run["classification_rows"]
 
 

@@ -107,6 +107,14 @@ def test_volume_selection_keeps_the_best_components_and_the_least_biased_thresho
     assert postprocess.choose_scored(scored, "volume") == {"name": "largest", "threshold": 0.7}
     tied = [dict(s, median_volume_error_ml=0.5) for s in scored]  # equal bias: better DSC
     assert postprocess.choose_scored(tied, "volume") == {"name": "largest", "threshold": 0.5}
+    native = [dict(s, median_volume_error_native_ml=s["median_volume_error_ml"] - 0.3)
+              for s in scored]  # the scans' grids' own errors decide: here 0.7 (-0.6 mL) ...
+    assert postprocess.choose_scored(native, "volume_native") == {"name": "largest",
+                                                                 "threshold": 0.7}
+    native[[s["rule"] for s in native].index({"name": "largest", "threshold": 0.9})][
+        "median_volume_error_native_ml"] = -0.1  # ... and 0.9 once it is the least biased there
+    assert postprocess.choose_scored(native, "volume_native") == {"name": "largest",
+                                                                 "threshold": 0.9}
     with pytest.raises(ValueError, match="selection"):
         postprocess.choose_scored(scored, "median")
 
@@ -150,3 +158,37 @@ def test_validation_scores_match_the_masks_each_rule_makes():
                               for m, v in zip(masks, volumes, strict=True)])
         assert got["score"] == pytest.approx(want_dsc, abs=1e-12), rule
         assert got["median_volume_error_ml"] == pytest.approx(want_err, abs=1e-9), rule
+
+
+def test_the_scan_grid_volume_choice_scores_the_masks_predict_writes(tmp_path):
+    """``volume_native``: the best component rule's thresholds scored by the masks resampled
+    onto the scan's own 1 mm grid (as predict writes them) against the mask there."""
+    from types import SimpleNamespace
+
+    from mlssp_jax import nifti, wholescan
+    volume, prob, truth = _cube_with_a_rim()
+    fine = truth.repeat(2, 0).repeat(2, 1).repeat(2, 2)  # 1 mm voxels j = 2i, 2i + 1
+    native_affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    native_affine[:3, 3] = -0.5  # their centres at 2i -+ 0.5 mm, the 2 mm voxel's at 2i
+    nifti.save(tmp_path / "mask.nii.gz", fine, native_affine)
+    volume = {**volume, "affine": np.diag([2.0, 2.0, 2.0, 1.0]),
+              "native_mask_path": tmp_path / "mask.nii.gz"}
+    cfg = SimpleNamespace(postprocess_min_ml=(), postprocess_thresholds=(0.5, 0.6, 0.7, 0.8),
+                          postprocess_max_hu=0.0, threshold=0.5,
+                          postprocess_select="volume_native")
+    rule, scored = wholescan.choose_postprocessing([volume], [prob], cfg)
+    errors = {}
+    for row in scored:
+        t = row["rule"]["threshold"]
+        if row["rule"]["name"] != "none":  # the best DSC's components ("none" at 0.6)
+            assert row["median_volume_error_native_ml"] is None
+            continue
+        mask = wholescan.postprocessed(volume, prob, row["rule"], 0.5)
+        native = wholescan.native_metrics(volume, prob, mask, t)
+        errors[t] = native["volume_native_ml"] - native["true_volume_native_ml"]
+        assert row["median_volume_error_native_ml"] == pytest.approx(errors[t])
+    assert rule == {"name": "none", "threshold": min(errors, key=lambda t: abs(errors[t]))}
+    # between the 0.9 core and the 0.55 rim the interpolated surface moves with the threshold
+    assert errors[0.5] > errors[0.6] > errors[0.8] and len(set(errors.values())) == 4
+    with pytest.raises(ValueError, match="native_mask_path"):
+        wholescan.choose_postprocessing([{**volume, "native_mask_path": None}], [prob], cfg)
