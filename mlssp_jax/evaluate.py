@@ -51,7 +51,7 @@ def _defined_mean(values: np.ndarray) -> float:
     return metrics.mean_metrics([{"v": v} for v in values])["v"]
 
 
-def _estimate_and_ci(statistic, *arrays: np.ndarray, n_resamples: int,
+def estimate_and_ci(statistic, *arrays: np.ndarray, n_resamples: int,
                      seed: int) -> tuple[float | None, list[float | None]]:
     """A statistic over subjects and its bootstrap 95% CI, as JSON (undefined -> null).
 
@@ -79,7 +79,7 @@ def pool_segmentation(evals: Sequence[dict], n_resamples: int, seed: int,
     pooled, ci95 = {}, {}
     for key in keys:
         column = np.array([_as_float(row.get(key)) for row in rows])
-        pooled[key], ci95[key] = _estimate_and_ci(_defined_mean, column,
+        pooled[key], ci95[key] = estimate_and_ci(_defined_mean, column,
                                                   n_resamples=n_resamples, seed=seed)
     return {**pooled, "ci95": ci95, "per_subject": rows}
 
@@ -101,7 +101,7 @@ def pool_classification(evals: Sequence[dict], threshold: float, n_resamples: in
     statistics["ece"] = lambda y, p: metrics.expected_calibration_error(y, p, n_bins)
     pooled, ci95 = {}, {}
     for name, statistic in statistics.items():
-        pooled[name], ci95[name] = _estimate_and_ci(statistic, labels, probs,
+        pooled[name], ci95[name] = estimate_and_ci(statistic, labels, probs,
                                                     n_resamples=n_resamples, seed=seed)
     reference = metrics.ece_if_calibrated(labels, probs, n_bins, n_resamples, seed)
     return {**pooled, "threshold": threshold, "calibration_bins": n_bins,

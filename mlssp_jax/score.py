@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlssp_jax import cli, metrics, nifti, scans, wholescan
+from mlssp_jax import cli, evaluate, metrics, nifti, scans, wholescan
 from mlssp_jax import manifest as manifest_lib
 from mlssp_jax.errors import InputError
 from mlssp_jax.fileio import write_json
@@ -97,8 +97,7 @@ def subject_row(subject: manifest_lib.Subject, predictions: Path) -> dict:
 
 
 def _ci(statistic, *arrays: np.ndarray, n_resamples: int, seed: int) -> list[float | None]:
-    _, low, high = metrics.bootstrap_ci(statistic, *arrays, n_resamples=n_resamples, seed=seed)
-    return [float(b) if np.isfinite(b) else None for b in (low, high)]
+    return evaluate.estimate_and_ci(statistic, *arrays, n_resamples=n_resamples, seed=seed)[1]
 
 
 def pool_segmentation(rows: Sequence[dict], n_resamples: int, seed: int) -> dict:
@@ -121,7 +120,9 @@ def pool_segmentation(rows: Sequence[dict], n_resamples: int, seed: int) -> dict
 
 
 def pool_classification(rows: Sequence[dict], n_resamples: int, seed: int) -> dict | None:
-    """Classification metrics of the rows with a label and a probability (None if none)."""
+    """Classification metrics of the rows with a label and a probability (None if none), as
+    ``summary.json`` pools them (:func:`mlssp_jax.evaluate.pool_classification`), at the one
+    threshold the predictions were made with."""
     scored = [r for r in rows if r["label"] is not None and r["avm_probability"] is not None]
     if not scored:
         return None
@@ -129,20 +130,12 @@ def pool_classification(rows: Sequence[dict], n_resamples: int, seed: int) -> di
     if len(thresholds) > 1:
         raise InputError(f"the predictions were made with different thresholds "
                          f"{sorted(thresholds)}: score one run's predictions at a time")
-    (threshold,) = thresholds
-    labels = np.array([r["label"] for r in scored])
-    probs = np.array([r["avm_probability"] for r in scored])
-    statistics = {name: (lambda y, p, name=name: metrics.classification_metrics(
-        y, p, threshold)[name]) for name in ("accuracy", "sensitivity", "specificity", "auc")}
-    statistics["brier"] = metrics.brier_score
-    statistics["ece"] = lambda y, p: metrics.expected_calibration_error(y, p, CALIBRATION_BINS)
-    pooled = {name: float(fn(labels, probs)) for name, fn in statistics.items()}
-    ci95 = {name: _ci(fn, labels, probs, n_resamples=n_resamples, seed=seed)
-            for name, fn in statistics.items()}
-    return {**pooled, "threshold": threshold, "calibration_bins": CALIBRATION_BINS,
-            "ece_if_calibrated": metrics.ece_if_calibrated(labels, probs, CALIBRATION_BINS,
-                                                           n_resamples, seed),
-            "n_subjects": len(scored), "ci95": ci95}
+    block = {"per_subject": [{"label": r["label"], "prob": r["avm_probability"]}
+                             for r in scored]}
+    pooled = evaluate.pool_classification([{"classification": block}], thresholds.pop(),
+                                          n_resamples, seed, CALIBRATION_BINS)
+    del pooled["per_subject"]  # the rows are the result's own per_subject
+    return {**pooled, "n_subjects": len(scored)}
 
 
 def score(predictions: Path, subjects: Sequence[manifest_lib.Subject], n_resamples: int,
