@@ -10,7 +10,9 @@ mislead in float32).
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -42,7 +44,13 @@ CONV3D_CASES = [
 DOWN_CASES = [(2, (16, 16, 16), 3, 6), (1, (8, 8, 8), 5, 10), (2, (4, 4, 4), 7, 14),
               (1, (6, 10, 4), 3, 5), (1, (5, 7, 4), 3, 2)]  # odd sizes: last voxel dropped
 UP_CASES = [(2, (8, 8, 8), 6, 3), (1, (2, 2, 2), 14, 7), (2, (4, 4, 4), 5, 3),
-            (1, (3, 5, 2), 3, 5)]
+            (1, (3, 5, 2), 3, 5),
+            (2, (4, 4, 4), 16, 8), (1, (3, 5, 11), 5, 8)]  # 8 out: the AVX-512 up conv
+# Eight output channels: oneDNN's primitives are replaced by csrc/direct_conv.cc's kernels
+# (3x3x3 forward; and the stride-2 input gradient, the down conv's backward here).
+DIRECT_CASES = [(2, (3, 4, 16), 1, 8), (1, (4, 5, 37), 8, 8),  # W: one chunk; 2 + a tail
+                (1, (5, 3, 7), 16, 8), (1, (2, 2, 1), 3, 8)]
+DOWN_CASES += [(1, (6, 10, 4), 8, 16)]
 
 
 def _inputs(batch, spatial, cin, cout, ksize, seed=0):
@@ -126,6 +134,45 @@ def test_conv3d_bias_relu_onednn_equals_xla(batch, spatial, cin, cout):
 
 
 @needs_onednn
+@pytest.mark.parametrize(("batch", "spatial", "cin", "cout"), DIRECT_CASES)
+def test_eight_channel_convs_equal_xla(batch, spatial, cin, cout):
+    """The AVX-512 kernel for 8 output channels, with and without bias + ReLU (rows longer
+    than a chunk, odd tails, one input channel, a 1-voxel axis)."""
+    x, kernel = _inputs(batch, spatial, cin, cout, 3)
+    _assert_cpu_equals_xla(conv_ops.conv3d, x, kernel, "onednn")
+    bias = jnp.linspace(-0.5, 0.5, cout, dtype=jnp.float32)
+    fused = conv_ops.conv3d_bias_relu(x, kernel, bias, "onednn")
+    expected = jax.nn.relu(conv_ops.conv3d(x, kernel, "xla") + bias)
+    assert _relative_l2(fused, expected) < TOLERANCE
+
+
+DIRECT_PROBE = """
+import jax.numpy as jnp, numpy as np
+from mlssp_jax.ops import conv_ops
+x = jnp.ones((1, 4, 4, 4, 3)); k = jnp.ones((3, 3, 3, 3, 8)) / 81
+conv_ops.conv3d_bias_relu(x, k, jnp.zeros(8), "onednn").block_until_ready()
+y = jnp.ones((1, 2, 2, 2, 16)); kt = jnp.ones((2, 2, 2, 16, 8)) / 16
+conv_ops.up_conv(y, kt, "onednn").block_until_ready()
+"""
+
+
+@needs_onednn
+def test_eight_channel_convs_leave_onednn_unless_turned_off(tmp_path):
+    """oneDNN's verbose log lists a primitive it runs: with the direct kernels on (the
+    default) neither the 3x3x3 conv to 8 channels nor the up conv to 8 is among them."""
+    def onednn_runs(direct: str) -> list[str]:
+        env = {**os.environ, "ONEDNN_VERBOSE": "1", onednn.DIRECT_CONV_VAR: direct}
+        out = subprocess.run([sys.executable, "-c", DIRECT_PROBE], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+        return [line for line in out.splitlines() if ",exec," in line and "convolution" in line]
+
+    assert onednn_runs("1") == []
+    off = onednn_runs("0")
+    assert any("ic3oc8" in line and "kd3" in line for line in off)
+    assert any("backward_data" in line and "ic8oc16" in line for line in off)
+
+
+@needs_onednn
 @pytest.mark.parametrize("ksize", [1, 2, 5])
 def test_onednn_other_kernel_sizes_equal_xla(ksize):
     """Any 'SAME' kernel, odd or even (XLA pads an even kernel one more at the end)."""
@@ -171,7 +218,7 @@ def test_onednn_status_names_what_is_missing(monkeypatch):
 def test_failed_compile_reports_and_leaves_no_library(monkeypatch, tmp_path):
     bad = tmp_path / "bad.cc"
     bad.write_text("this is not C++\n")
-    monkeypatch.setattr(onednn, "SOURCE", bad)
+    monkeypatch.setattr(onednn, "SOURCES", (bad,))
     library = tmp_path / "ext" / "lib.so"
     with pytest.raises(RuntimeError, match="compiling bad.cc failed"):
         onednn._build(onednn.find_compiler(), onednn.find_onednn(), library)

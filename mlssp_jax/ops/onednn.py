@@ -4,7 +4,8 @@ XLA's CPU backend has no fast 3-D convolution (its kernel gradient runs at half 
 its 2-D forward conv, see ``benchmarks/kernel_ceiling.py``); oneDNN, the library PyTorch uses
 on CPU, has. ``csrc/conv3d_onednn.cc`` wraps oneDNN's forward (plain, and with bias + ReLU
 fused), input-gradient and kernel-gradient convolution primitives, and its max pooling, as
-XLA FFI handlers; :func:`conv3d`, :func:`conv3d_bias_relu`, :func:`conv3d_transpose` and
+XLA FFI handlers; convolutions to eight channels go to ``csrc/direct_conv.cc``'s AVX-512
+kernels instead (:func:`direct_conv_enabled`). :func:`conv3d`, :func:`conv3d_bias_relu`, :func:`conv3d_transpose` and
 :func:`max_pool` join them with :func:`jax.custom_vjp`, so they are jittable and
 differentiable like any JAX op.
 
@@ -14,7 +15,7 @@ wheels the package depends on Linux x86-64 (``onednn-cpu-gomp`` and
 ``onednn-devel-cpu-gomp``: headers and ``libdnnl.so`` under the environment's prefix, or
 under ``$MLSSP_JAX_ONEDNN_ROOT``). The library is cached in
 ``$MLSSP_JAX_CACHE/ext`` (default ``~/.cache/mlssp_jax/ext``) under a name that hashes the
-source, jaxlib and oneDNN versions and the compiler, so it is built once per environment
+sources, jaxlib and oneDNN versions and the compiler, so it is built once per environment
 (~3 s). No network is used.
 
 When anything is missing (no compiler, no oneDNN, another OS) :func:`status` says why and
@@ -45,8 +46,11 @@ from mlssp_jax import cache
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "conv3d_onednn.cc"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "conv3d_onednn.cc", CSRC / "direct_conv.cc")
+HEADERS = (CSRC / "direct_conv.h",)
 ROOT_VAR = "MLSSP_JAX_ONEDNN_ROOT"
+DIRECT_CONV_VAR = "MLSSP_JAX_DIRECT_CONV"  # "0": every convolution on oneDNN
 # FFI target name -> exported handler symbol in the compiled library.
 TARGETS = {
     "mlssp_conv3d_forward": "MlsspConv3dForward",
@@ -56,6 +60,8 @@ TARGETS = {
     "mlssp_max_pool": "MlsspMaxPool",
     "mlssp_max_pool_grad": "MlsspMaxPoolGrad",
 }
+DIRECT_TARGETS = ("mlssp_conv3d_forward", "mlssp_conv3d_forward_bias_relu",  # take `direct`
+                  "mlssp_conv3d_input_grad")
 COMPILE_TIMEOUT_S = 300
 MISSING_ONEDNN = (f"oneDNN not found (pip install onednn-cpu-gomp onednn-devel-cpu-gomp, "
                   f"or set {ROOT_VAR})")
@@ -100,8 +106,8 @@ def cache_dir() -> Path:
 
 def _compile_command(compiler: str, onednn: Path, output: Path) -> list[str]:
     lib = onednn / "lib"
-    return [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-            f"-I{jax.ffi.include_dir()}", f"-I{onednn / 'include'}", str(SOURCE),
+    return [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w",
+            f"-I{jax.ffi.include_dir()}", f"-I{onednn / 'include'}", *map(str, SOURCES),
             "-o", str(output), f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
 
 
@@ -109,7 +115,8 @@ def _library_path(compiler: str, onednn: Path) -> Path:
     """Cache path of the compiled library: one per source, jaxlib, oneDNN and compiler."""
     version_header = onednn / "include/oneapi/dnnl/dnnl_version.h"
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), importlib.metadata.version("jaxlib").encode(),
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS),
+                 importlib.metadata.version("jaxlib").encode(),
                  version_header.read_bytes(), str(onednn).encode(), compiler.encode()):
         key.update(part)
     return cache_dir() / f"conv3d_onednn-{key.hexdigest()[:16]}.so"
@@ -127,7 +134,7 @@ def _build(compiler: str, onednn: Path, library: Path) -> None:
                                 capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if result.returncode != 0:
             tail = "\n".join(result.stderr.strip().splitlines()[-5:])
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{tail}")
+            raise RuntimeError(f"compiling {', '.join(f.name for f in SOURCES)} failed:\n{tail}")
         os.replace(tmp, library)
     finally:
         if os.path.exists(tmp):
@@ -177,9 +184,20 @@ def available() -> bool:
     return status().available
 
 
+def direct_conv_enabled() -> bool:
+    """Whether convolutions to eight channels (forward 3x3x3, and the 2x2x2 stride-2 input
+    gradient: the up conv) use the AVX-512 kernels of ``csrc/direct_conv.cc`` (where the CPU
+    has AVX-512F) rather than oneDNN, which vectorises over output channels and so fills half
+    of each register with eight. On unless ``$MLSSP_JAX_DIRECT_CONV`` is ``0``; read when a
+    function is traced (JAX caches traces: set it before the first call)."""
+    return os.environ.get(DIRECT_CONV_VAR, "1") != "0"
+
+
 def _ffi(target: str, shape: tuple[int, ...], *args: jax.Array, stride: int) -> jax.Array:
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
                             vmap_method="sequential")
+    if target in DIRECT_TARGETS:
+        return call(*args, stride=np.int64(stride), direct=np.int64(direct_conv_enabled()))
     return call(*args, stride=np.int64(stride))
 
 
@@ -304,5 +322,4 @@ max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 __all__ = ["Status", "available", "buildable", "conv3d", "conv3d_bias_relu", "conv3d_transpose",
-           "find_compiler",
-           "find_onednn", "max_pool", "status"]
+           "direct_conv_enabled", "find_compiler", "find_onednn", "max_pool", "status"]

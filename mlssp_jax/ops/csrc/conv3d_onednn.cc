@@ -4,9 +4,14 @@
 //
 // float32, channels-last like the rest of mlssp_jax: activations (B, D, H, W, C), kernels
 // DHWIO (kd, kh, kw, Ci, Co) as flax stores them. oneDNN reads and writes activations in
-// that layout (ndhwc) directly; kernels are reordered to the primitive's blocked layout per
-// call (KBs). Convolution attribute ``stride``: 1 = 'SAME' padding (an even kernel gets the
+// that layout (ndhwc) directly; kernels are reordered to the primitive's blocked layout into a
+// buffer kept with the primitive, and only when the kernel differs from the last one it
+// reordered (inference repeats the same kernels). Convolution attribute ``stride``: 1 = 'SAME' padding (an even kernel gets the
 // extra pad at the end, as XLA does); > 1 = 'VALID', output size taken from the buffers.
+//
+// Forward 3x3x3 convolutions with eight output channels, and the 2x2x2 stride-2 transposed
+// convolution (input gradient) to eight channels, go to direct_conv.cc instead (when the
+// caller's ``direct`` attribute is 1 and the CPU has AVX-512F).
 //
 // Primitives are built once per shape and kept. XLA calls handlers from any of its worker
 // threads, so every primitive uses a user-managed scratchpad (oneDNN's own is per thread)
@@ -14,12 +19,14 @@
 // competing with another's: each call already uses every core.
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
 
+#include "direct_conv.h"
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
 
@@ -80,6 +87,8 @@ struct ConvPlan {
   memory::desc src, dst, bias, scratchpad;
   memory::desc weights;       // the primitive's kernel layout
   memory::desc user_weights;  // DHWIO
+  memory reordered;           // a kernel buffer in the primitive's layout, when it differs
+  std::vector<float> reordered_from;  // the DHWIO kernel ``reordered`` holds (input kernels)
 };
 
 // Shape: B, Ci, Co, D, H, W (input), D, H, W (output), kd, kh, kw, stride.
@@ -133,10 +142,11 @@ ConvPlan MakeConvPlan(Pass pass, const std::vector<int64_t>& s) {
     plan.weights = bwd.diff_weights_desc();
     plan.scratchpad = bwd.scratchpad_desc();
   }
+  if (plan.weights != plan.user_weights) plan.reordered = memory(plan.weights, eng);
   return plan;
 }
 
-const ConvPlan& GetConvPlan(Pass pass, const std::vector<int64_t>& s) {
+ConvPlan& GetConvPlan(Pass pass, const std::vector<int64_t>& s) {
   static std::map<std::tuple<Pass, std::vector<int64_t>>, ConvPlan> plans;
   auto key = std::make_tuple(pass, s);
   auto it = plans.find(key);
@@ -149,27 +159,45 @@ const ConvPlan& GetConvPlan(Pass pass, const std::vector<int64_t>& s) {
 // kernel is the buffer written.
 ffi::Error RunConv(Pass pass, float* x, float* kernel, float* y, ffi::Span<const int64_t> xd,
                    ffi::Span<const int64_t> yd, ffi::Span<const int64_t> kd, int64_t stride,
-                   float* bias = nullptr) {
+                   float* bias = nullptr, bool direct = false) {
   if (xd.size() != 5 || yd.size() != 5 || kd.size() != 5 || stride < 1) {
     return ffi::Error::InvalidArgument("conv3d: need rank-5 arrays and stride >= 1");
   }
   std::vector<int64_t> s = {xd[0], kd[3], kd[4], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3],
                             kd[0], kd[1], kd[2], stride};
   std::lock_guard<std::mutex> lock(Mutex());
+  const bool forward = pass == Pass::kForward || pass == Pass::kForwardBiasRelu;
+  if (direct && forward && mlssp::DirectConvApplies(kd[3], kd[4], kd[0], kd[1], kd[2], stride)) {
+    mlssp::DirectConv(x, kernel, bias, pass == Pass::kForwardBiasRelu, y, xd[0], xd[1], xd[2],
+                      xd[3], xd[4]);
+    return ffi::Error::Success();
+  }
+  const bool exact_up = yd[1] * 2 == xd[1] && yd[2] * 2 == xd[2] && yd[3] * 2 == xd[3];
+  if (direct && pass == Pass::kInputGrad && exact_up &&
+      mlssp::DirectUpConvApplies(kd[3], kd[0], kd[1], kd[2], stride)) {
+    mlssp::DirectUpConv(y, kernel, x, yd[0], yd[1], yd[2], yd[3], yd[4]);
+    return ffi::Error::Success();
+  }
   try {
-    const ConvPlan& plan = GetConvPlan(pass, s);
+    ConvPlan& plan = GetConvPlan(pass, s);
     auto& eng = Engine();
     memory src(plan.src, eng, x), dst(plan.dst, eng, y);
     memory user_w(plan.user_weights, eng, kernel);
     const bool reorder = plan.weights != plan.user_weights;
-    memory w = reorder ? memory(plan.weights, eng) : user_w;
+    memory w = reorder ? plan.reordered : user_w;
     dnnl::stream stream(eng);
     if (pass == Pass::kKernelGrad) {
       Execute(plan.conv, plan.scratchpad,
               {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, w}, {DNNL_ARG_DIFF_DST, dst}});
       if (reorder) dnnl::reorder(w, user_w).execute(stream, w, user_w);
     } else {
-      if (reorder) dnnl::reorder(user_w, w).execute(stream, user_w, w);
+      // inference calls every primitive with the same kernel again and again: reorder once
+      const size_t count = plan.user_weights.get_size() / sizeof(float);
+      if (reorder && !(plan.reordered_from.size() == count &&
+                       std::memcmp(kernel, plan.reordered_from.data(), count * sizeof(float)) == 0)) {
+        dnnl::reorder(user_w, w).execute(stream, user_w, w);
+        plan.reordered_from.assign(kernel, kernel + count);
+      }
       stream.wait();
       if (pass == Pass::kInputGrad) {
         Execute(plan.conv, plan.scratchpad,
@@ -189,20 +217,23 @@ ffi::Error RunConv(Pass pass, float* x, float* kernel, float* y, ffi::Span<const
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(F32 x, F32 kernel, F32Out y, int64_t stride) {
+ffi::Error Forward(F32 x, F32 kernel, F32Out y, int64_t stride, int64_t direct) {
   return RunConv(Pass::kForward, x.typed_data(), kernel.typed_data(), y->typed_data(),
-                 x.dimensions(), y->dimensions(), kernel.dimensions(), stride);
+                 x.dimensions(), y->dimensions(), kernel.dimensions(), stride, nullptr,
+                 direct == 1);
 }
 
-ffi::Error ForwardBiasRelu(F32 x, F32 kernel, F32 bias, F32Out y, int64_t stride) {
+ffi::Error ForwardBiasRelu(F32 x, F32 kernel, F32 bias, F32Out y, int64_t stride,
+                           int64_t direct) {
   return RunConv(Pass::kForwardBiasRelu, x.typed_data(), kernel.typed_data(), y->typed_data(),
                  x.dimensions(), y->dimensions(), kernel.dimensions(), stride,
-                 bias.typed_data());
+                 bias.typed_data(), direct == 1);
 }
 
-ffi::Error InputGrad(F32 dy, F32 kernel, F32Out dx, int64_t stride) {
+ffi::Error InputGrad(F32 dy, F32 kernel, F32Out dx, int64_t stride, int64_t direct) {
   return RunConv(Pass::kInputGrad, dx->typed_data(), kernel.typed_data(), dy.typed_data(),
-                 dx->dimensions(), dy.dimensions(), kernel.dimensions(), stride);
+                 dx->dimensions(), dy.dimensions(), kernel.dimensions(), stride, nullptr,
+                 direct == 1);
 }
 
 ffi::Error KernelGrad(F32 x, F32 dy, F32Out dkernel, int64_t stride) {
@@ -290,13 +321,13 @@ ffi::Error MaxPoolGrad(F32 dy, S32 workspace, F32Out dx, int64_t window) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MlsspConv3dForward, Forward,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()
-                                  .Attr<int64_t>("stride"));
+                                  .Attr<int64_t>("stride").Attr<int64_t>("direct"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MlsspConv3dForwardBiasRelu, ForwardBiasRelu,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>()
-                                  .Attr<int64_t>("stride"));
+                                  .Attr<int64_t>("stride").Attr<int64_t>("direct"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MlsspConv3dInputGrad, InputGrad,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()
-                                  .Attr<int64_t>("stride"));
+                                  .Attr<int64_t>("stride").Attr<int64_t>("direct"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MlsspConv3dKernelGrad, KernelGrad,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()
                                   .Attr<int64_t>("stride"));
