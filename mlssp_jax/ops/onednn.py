@@ -5,9 +5,9 @@ its 2-D forward conv, see ``benchmarks/kernel_ceiling.py``); oneDNN, the library
 on CPU, has. ``csrc/conv3d_onednn.cc`` wraps oneDNN's forward (plain, and with bias + ReLU
 fused), input-gradient and kernel-gradient convolution primitives, and its max pooling, as
 XLA FFI handlers; convolutions to eight channels go to ``csrc/direct_conv.cc``'s AVX-512
-kernels instead (:func:`direct_conv_enabled`). :func:`conv3d`, :func:`conv3d_bias_relu`, :func:`conv3d_transpose` and
-:func:`max_pool` join them with :func:`jax.custom_vjp`, so they are jittable and
-differentiable like any JAX op.
+kernels instead (:func:`direct_conv_enabled`). :func:`conv3d`, :func:`conv3d_bias_relu`,
+:func:`conv3d_transpose` and :func:`max_pool` join them with :func:`jax.custom_vjp`, so they
+are jittable and differentiable like any JAX op.
 
 The handlers are compiled on first use, like ``torch.utils.cpp_extension.load``: with the
 C++ compiler (``$CXX``, else ``c++``/``g++``), against jaxlib's FFI headers and the oneDNN
